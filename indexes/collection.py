@@ -1,0 +1,387 @@
+"""A collection: one LanceDB database folder holding the items table and the ingest ledger.
+
+Layout of ``<home>/<name>/``::
+
+    lance/items.lance    ids, vectors, metadata columns, provenance (the source of truth)
+    lance/ledger.lance   one row per input per ingest run: accepted, duplicate or rejected + reason
+    faiss/index.faiss    derived index, stamped by faiss/index.json
+    secret.key           per-collection key for pseudonyms (never printed, never stored in a table)
+
+The encoder that produced the vectors is recorded as JSON in the items table's schema metadata
+under the key ``caselens``; every later write and search is checked against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from caselens.errors import (BadVectorError, CollectionNotFoundError, EncoderMismatchError,
+                             IndexIntegrityError)
+from caselens.indexes import faiss_index
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ITEMS = "items"
+LEDGER = "ledger"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Columns every items table has; metadata keys become further columns beside them.
+CORE_COLUMNS = ("id", "_row", "kind", "vector", "source", "text", "provenance")
+# Metadata columns created up front so filters on them always parse.
+STANDARD_METADATA = ("label", "patient_id", "modality", "body_part", "study_uid", "series_uid")
+LEDGER_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string()),
+    pa.field("time", pa.string()),
+    pa.field("input", pa.string()),
+    pa.field("item_id", pa.string()),
+    pa.field("status", pa.string()),  # accepted | duplicate | rejected
+    pa.field("reason_code", pa.string()),
+    pa.field("reason", pa.string()),
+])
+
+
+class MetadataTypeError(ValueError):
+    """A metadata value that does not fit the type of its existing column."""
+
+
+def default_home() -> Path:
+    """Where collections live: ``$CASELENS_HOME`` or ``./caselens-data``."""
+    return Path(os.environ.get("CASELENS_HOME", "caselens-data")).expanduser()
+
+
+def list_collections(home: Path | None = None) -> list[str]:
+    """Names of the collections under ``home``."""
+    home = Path(home) if home else default_home()
+    if not home.is_dir():
+        return []
+    return sorted(p.name for p in home.iterdir() if (p / "lance" / f"{ITEMS}.lance").exists())
+
+
+def column_name(key: str) -> str:
+    """The column a metadata key is stored in: lower-case letters, digits and underscores."""
+    name = re.sub(r"[^0-9a-zA-Z_]+", "_", key.strip()).strip("_").lower() or "field"
+    if name[0].isdigit():
+        name = f"m_{name}"
+    if name in CORE_COLUMNS or name.startswith("_"):
+        name = f"meta_{name.lstrip('_')}"
+    return name
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """The fate of one input in one ingest run."""
+
+    input: str  # what was read: a path (relative to the source root) or a corpus row reference
+    status: str  # "accepted", "duplicate" (already stored, nothing added) or "rejected"
+    item_id: str = ""  # id of the stored item, when there is one
+    reason_code: str = ""  # short machine-readable reason for rejections ("corrupt_image", ...)
+    reason: str = ""  # human-readable reason with the hint to fix
+
+
+class Collection:
+    """One collection: LanceDB items table + ledger + derived FAISS index."""
+
+    def __init__(self, root: Path, db: lancedb.DBConnection, table: Any):
+        self.root = root
+        self.name = root.name
+        self._db = db
+        self._table = table
+        self.info: dict[str, Any] = json.loads(table.schema.metadata[b"caselens"])
+
+    # ----------------------------------------------------------------- opening
+    @staticmethod
+    def validate_name(name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise ValueError(f"collection name {name!r} is not allowed: use 1-64 letters, digits, "
+                             "'_', '-' or '.', starting with a letter or digit")
+        return name
+
+    @classmethod
+    def exists(cls, name: str, home: Path | None = None) -> bool:
+        home = Path(home) if home else default_home()
+        return (home / name / "lance" / f"{ITEMS}.lance").exists()
+
+    @classmethod
+    def open(cls, name: str, home: Path | None = None) -> "Collection":
+        """Open an existing collection; :class:`CollectionNotFoundError` names what exists."""
+        home = Path(home) if home else default_home()
+        cls.validate_name(name)
+        root = home / name
+        if not cls.exists(name, home):
+            known = ", ".join(list_collections(home)) or "none"
+            raise CollectionNotFoundError(
+                f"collection {name!r} not found under {home} (collections there: {known}); "
+                "create it with `caselens ingest` or pass --home")
+        db = lancedb.connect(str(root / "lance"))
+        return cls(root, db, db.open_table(ITEMS))
+
+    @classmethod
+    def create(cls, name: str, encoder: dict[str, Any], home: Path | None = None) -> "Collection":
+        """Create a collection for vectors from ``encoder`` (its JSON record: spec, options,
+        fingerprint, dim, modalities)."""
+        home = Path(home) if home else default_home()
+        cls.validate_name(name)
+        root = home / name
+        if cls.exists(name, home):
+            raise FileExistsError(f"collection {name!r} already exists in {home}")
+        (root / "lance").mkdir(parents=True, exist_ok=True)
+        info = {"format_version": FORMAT_VERSION, "name": name, "encoder": encoder,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        fields = [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("_row", pa.int64(), nullable=False),
+            pa.field("kind", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), int(encoder["dim"]))),
+            pa.field("source", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("provenance", pa.string()),
+        ] + [pa.field(c, pa.string()) for c in STANDARD_METADATA]
+        schema = pa.schema(fields, metadata={"caselens": json.dumps(info, sort_keys=True)})
+        db = lancedb.connect(str(root / "lance"))
+        table = db.create_table(ITEMS, schema=schema)
+        db.create_table(LEDGER, schema=LEDGER_SCHEMA)
+        key = root / "secret.key"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        log.info("created collection %s at %s", name, root)
+        return cls(root, db, table)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def encoder(self) -> dict[str, Any]:
+        """The JSON record of the encoder this collection's vectors came from."""
+        return self.info["encoder"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder["dim"])
+
+    @property
+    def version(self) -> int:
+        """Current version of the items table (grows with every write)."""
+        self._table.checkout_latest()
+        return int(self._table.version)
+
+    def secret(self) -> bytes:
+        """The collection's pseudonym key."""
+        return bytes.fromhex((self.root / "secret.key").read_text().strip())
+
+    def count(self, where: str | None = None) -> int:
+        self._table.checkout_latest()
+        return int(self._table.count_rows(where) if where else self._table.count_rows())
+
+    def columns(self) -> list[str]:
+        return [f.name for f in self._table.schema]
+
+    def metadata_columns(self) -> list[str]:
+        return [c for c in self.columns() if c not in CORE_COLUMNS]
+
+    def check_encoder(self, encoder: dict[str, Any]) -> None:
+        """Refuse an encoder whose fingerprint differs from the one the collection was built with."""
+        mine = self.encoder["fingerprint"]
+        if encoder["fingerprint"] != mine:
+            raise EncoderMismatchError(
+                f"collection {self.name!r} holds vectors from encoder {self.encoder['spec']} "
+                f"(fingerprint {mine}); got {encoder['spec']} (fingerprint {encoder['fingerprint']}). "
+                "Vectors from different encoders cannot be searched together: ingest into a new "
+                "collection, or use the collection's own encoder.")
+
+    # ------------------------------------------------------------------ locks
+    @contextlib.contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Exclusive lock held by writers of this collection (ingest, index rebuild)."""
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ reads
+    def existing_ids(self, ids: Iterable[str] | None = None) -> set[str]:
+        """Ids already stored (restricted to ``ids`` when given)."""
+        self._table.checkout_latest()
+        if ids is not None:
+            ids = list(ids)
+            if not ids:
+                return set()
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                part = ids[start:start + 500]
+                quoted = ",".join("'" + i.replace("'", "''") + "'" for i in part)
+                rows = self._table.search().where(f"id IN ({quoted})").select(["id"]).limit(len(part)).to_arrow()
+                found.update(rows.column("id").to_pylist())
+            return found
+        return set(self._table.to_arrow().column("id").to_pylist()) if self.count() else set()
+
+    def rows(self, where: str | None = None, columns: Sequence[str] | None = None,
+             limit: int | None = None) -> pa.Table:
+        """Rows matching the SQL predicate ``where`` (all rows when None)."""
+        self._table.checkout_latest()
+        query = self._table.search()
+        if where:
+            query = query.where(where)
+        if columns:
+            query = query.select(list(columns))
+        return query.limit(limit or max(1, self.count())).to_arrow()
+
+    def rows_by_row_ids(self, row_ids: Sequence[int], columns: Sequence[str] | None = None) -> dict[int, dict]:
+        """Rows keyed by their ``_row`` number."""
+        if not len(row_ids):
+            return {}
+        cols = list(columns) if columns else [c for c in self.columns() if c != "vector"]
+        if "_row" not in cols:
+            cols.append("_row")
+        table = self.rows(f"_row IN ({','.join(str(int(r)) for r in row_ids)})", cols, limit=len(row_ids))
+        return {row["_row"]: row for row in table.to_pylist()}
+
+    def vectors(self, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(row numbers, vector matrix) of the rows matching ``where``."""
+        table = self.rows(where, ["_row", "vector"])
+        if table.num_rows == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return (table.column("_row").to_numpy().astype(np.int64),
+                np.asarray(flat, np.float32).reshape(-1, self.dim))
+
+    # ----------------------------------------------------------------- writes
+    def _ensure_columns(self, rows: list[dict]) -> None:
+        schema = {f.name: f.type for f in self._table.schema}
+        missing: dict[str, str] = {}
+        for row in rows:
+            for key, value in row.items():
+                if key in schema or key in missing or value is None:
+                    continue
+                is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+                missing[key] = "CAST(NULL AS DOUBLE)" if is_num else "CAST(NULL AS STRING)"
+        if missing:
+            self._table.add_columns(missing)
+            log.info("collection %s: new metadata columns %s", self.name, sorted(missing))
+
+    def coerce_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Metadata keyed by column name with values converted to the columns' types.
+
+        Raises :class:`MetadataTypeError` for a value that cannot be converted.
+        """
+        types = {f.name: f.type for f in self._table.schema}
+        out: dict[str, Any] = {}
+        for key, value in metadata.items():
+            col = column_name(key)
+            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+                out[col] = None
+                continue
+            kind = types.get(col)
+            if kind is not None and pa.types.is_floating(kind):
+                try:
+                    out[col] = float(value)
+                except (TypeError, ValueError):
+                    raise MetadataTypeError(f"metadata {key!r}={value!r} is not a number, but column "
+                                            f"{col!r} holds numbers") from None
+            elif kind is not None and pa.types.is_string(kind):
+                out[col] = str(value)
+            else:
+                out[col] = value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else str(value)
+        return out
+
+    def add(self, records: list[dict[str, Any]], vectors: np.ndarray) -> int:
+        """Append ``records`` (id, kind, source, text, provenance dict, metadata dict) with their
+        ``vectors``; returns the new table version. Vectors must be finite and of the right size."""
+        if not records:
+            return self.version
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.shape != (len(records), self.dim):
+            raise BadVectorError(f"expected {len(records)} vectors of dimension {self.dim}, got {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise BadVectorError("refusing to store vectors with NaN or infinite values")
+        start = self._next_row()
+        rows = []
+        for i, rec in enumerate(records):
+            row = {"id": rec["id"], "_row": start + i, "kind": rec["kind"], "source": rec.get("source"),
+                   "text": rec.get("text"), "provenance": json.dumps(rec.get("provenance", {}), sort_keys=True)}
+            row.update(self.coerce_metadata(rec.get("metadata", {})))
+            rows.append(row)
+        self._ensure_columns(rows)
+        schema = self._table.schema
+        columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
+        self._table.add(pa.table({f.name: columns[f.name] for f in schema}, schema=schema))
+        return self.version
+
+    def _next_row(self) -> int:
+        if self.count() == 0:
+            return 0
+        rows = self._table.search().select(["_row"]).limit(self.count()).to_arrow().column("_row")
+        return int(pa.compute.max(rows).as_py()) + 1
+
+    def record(self, run_id: str, entries: Sequence[LedgerEntry]) -> None:
+        """Append ingest outcomes to the ledger."""
+        if not entries:
+            return
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ledger = self._db.open_table(LEDGER)
+        ledger.add(pa.table({
+            "run_id": [run_id] * len(entries), "time": [now] * len(entries),
+            "input": [e.input for e in entries], "item_id": [e.item_id for e in entries],
+            "status": [e.status for e in entries], "reason_code": [e.reason_code for e in entries],
+            "reason": [e.reason for e in entries]}, schema=LEDGER_SCHEMA))
+
+    def ledger(self, run_id: str | None = None) -> list[dict]:
+        """Ledger rows, optionally of one run."""
+        table = self._db.open_table(LEDGER)
+        query = table.search()
+        if run_id:
+            query = query.where(f"run_id = '{run_id}'")
+        return query.limit(max(1, table.count_rows())).to_arrow().to_pylist()
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "lance" / f"{LEDGER}.lance"
+
+    # ------------------------------------------------------------------ index
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "faiss"
+
+    def build_index(self) -> faiss_index.IndexStamp:
+        """Rebuild the FAISS index from the current table version."""
+        with self.write_lock():
+            version = self.version
+            row_ids, vecs = self.vectors()
+            index, factory = faiss_index.build_index(vecs, row_ids)
+            return faiss_index.write_index(index, self.index_dir, table_version=version,
+                                           encoder_fingerprint=self.encoder["fingerprint"], factory=factory)
+
+    def index(self) -> tuple[Any, faiss_index.IndexStamp]:
+        """The FAISS index for the current table version: loaded when fresh, rebuilt when stale
+        or damaged, refused (:class:`EncoderMismatchError`) when built by another encoder."""
+        fingerprint = self.encoder["fingerprint"]
+        stamp = faiss_index.read_stamp(self.index_dir)
+        if stamp is not None and stamp.encoder_fingerprint != fingerprint:
+            faiss_index.load_index(self.index_dir, fingerprint)  # raises EncoderMismatchError
+        if stamp is not None and stamp.table_version == self.version:
+            try:
+                return faiss_index.load_index(self.index_dir, fingerprint)
+            except IndexIntegrityError as exc:
+                log.warning("%s; rebuilding", exc)
+        elif stamp is not None:
+            log.info("FAISS index of %s is stale (table v%d, index v%d); rebuilding",
+                     self.name, self.version, stamp.table_version)
+        self.build_index()
+        return faiss_index.load_index(self.index_dir, fingerprint)

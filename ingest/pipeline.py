@@ -1,0 +1,166 @@
+"""The ingest runner: reader -> batcher -> encoder -> writer, with a ledger of every input.
+
+Each input ends in the ledger as ``accepted`` (stored now), ``duplicate`` (its id was already
+stored; nothing added) or ``rejected`` (with a reason code and a reason). Items are written a
+batch at a time, so a failure mid-run loses at most the batch in flight and a re-run continues
+by skipping what is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from caselens.errors import BadVectorError, UnsupportedModalityError
+from caselens.indexes.collection import Collection, LedgerEntry, MetadataTypeError
+from caselens.indexes.faiss_index import IndexStamp
+from caselens.ingest.items import Item, Rejection, Source
+from caselens.retrieval.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestConfig:
+    """How an ingest run behaves."""
+
+    batch_size: int = 32  # items encoded and written together
+    on_bad_vectors: str = "reject"  # "reject": record the item as rejected; "error": stop the run
+    build_index: bool = True  # refresh the FAISS index after writing
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class IngestReport:
+    """What one ingest run did."""
+
+    run_id: str  # id of the run in the ledger
+    collection: str  # collection name
+    root: Path  # collection folder
+    accepted: int = 0  # items stored by this run
+    duplicates: int = 0  # inputs whose item was already stored
+    rejected: Counter = field(default_factory=Counter)  # reason_code -> count
+    warnings: Counter = field(default_factory=Counter)  # accepted with a note (e.g. truncated text)
+    table_version: int = 0  # items table version after the run
+    total_items: int = 0  # items in the collection after the run
+    index: IndexStamp | None = None  # FAISS index stamp after the run
+    seconds: float = 0.0  # wall time
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "lance" / "ledger.lance"
+
+    def summary(self) -> str:
+        lines = [f"ingest run {self.run_id} into '{self.collection}': {self.accepted} accepted, "
+                 f"{self.duplicates} already present, {sum(self.rejected.values())} rejected "
+                 f"in {self.seconds:.1f}s"]
+        for code, n in sorted(self.rejected.items()):
+            lines.append(f"  rejected {n:>6} x {code}")
+        for code, n in sorted(self.warnings.items()):
+            lines.append(f"  accepted {n:>6} x with note: {code}")
+        lines.append(f"collection: {self.root} ({self.total_items} items, table version {self.table_version})")
+        lines.append(f"ledger: {self.ledger_path} (see `caselens ledger {self.collection} --run {self.run_id}`)")
+        if self.index is not None:
+            lines.append(f"FAISS index: {self.root / 'faiss'} ({self.index.factory}, {self.index.ntotal} vectors)")
+        return "\n".join(lines)
+
+
+def _batches(items: Iterable[Item | Rejection], size: int) -> Iterable[list[Item | Rejection]]:
+    batch: list[Item | Rejection] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encode(encoder: Encoder, items: list[Item]) -> np.ndarray:
+    if items[0].kind == "image":
+        return encoder.encode_images([it.image for it in items])
+    return encoder.encode_texts([it.text or "" for it in items])
+
+
+def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
+    """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
+    config = config or IngestConfig()
+    if config.on_bad_vectors not in ("reject", "error"):
+        raise ValueError(f"on_bad_vectors must be 'reject' or 'error', not {config.on_bad_vectors!r}")
+    collection.check_encoder(encoder.info.to_record())
+    if source.kind not in encoder.info.modalities:
+        raise UnsupportedModalityError(
+            f"encoder {encoder.info.spec} embeds {', '.join(encoder.info.modalities)}, but this source holds "
+            f"{source.kind} items; choose an encoder for {source.kind}")
+    report = IngestReport(run_id=uuid.uuid4().hex[:12], collection=collection.name, root=collection.root)
+    start = time.perf_counter()
+    limit = encoder.max_tokens() if source.kind == "text" else None
+    seen: set[str] = set()
+    bar = tqdm(total=source.estimate(), unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
+    with collection.write_lock():
+        for batch in _batches(source, config.batch_size):
+            entries: list[LedgerEntry] = []
+            fresh: list[Item] = []
+            stored = collection.existing_ids(it.id for it in batch if isinstance(it, Item))
+            for it in batch:
+                if isinstance(it, Rejection):
+                    entries.append(LedgerEntry(it.input, "rejected", "", it.reason_code, it.reason))
+                    report.rejected[it.reason_code] += 1
+                elif it.id in stored or it.id in seen:
+                    entries.append(LedgerEntry(it.input, "duplicate", it.id, "already_present",
+                                               "an item with this id is already stored; nothing added"))
+                    report.duplicates += 1
+                else:
+                    try:
+                        it.metadata = collection.coerce_metadata(it.metadata)
+                    except MetadataTypeError as exc:
+                        entries.append(LedgerEntry(it.input, "rejected", it.id, "bad_metadata", str(exc)))
+                        report.rejected["bad_metadata"] += 1
+                        continue
+                    seen.add(it.id)
+                    fresh.append(it)
+            if fresh:
+                vectors = _encode(encoder, fresh)
+                good = np.isfinite(vectors).all(axis=1) & (vectors.shape[1] == collection.dim)
+                if not good.all() and config.on_bad_vectors == "error":
+                    bad = [fresh[i].input for i in np.flatnonzero(~good)]
+                    raise BadVectorError(f"encoder returned non-finite vectors for {bad}; nothing of this batch stored")
+                records, keep = [], []
+                for i, it in enumerate(fresh):
+                    if not good[i]:
+                        entries.append(LedgerEntry(it.input, "rejected", it.id, "bad_vector",
+                                                   "encoder returned a non-finite vector"))
+                        report.rejected["bad_vector"] += 1
+                        seen.discard(it.id)
+                        continue
+                    note_code, note = "", ""
+                    if limit and it.text is not None:
+                        n_tokens = encoder.count_tokens(it.text)
+                        if n_tokens and n_tokens > limit:
+                            it.provenance["truncated_from_tokens"] = n_tokens
+                            note_code, note = "truncated", f"text has {n_tokens} tokens; the encoder read the first {limit}"
+                            report.warnings["truncated"] += 1
+                    records.append({"id": it.id, "kind": it.kind, "source": it.source, "text": it.text,
+                                    "provenance": it.provenance, "metadata": it.metadata})
+                    keep.append(i)
+                    entries.append(LedgerEntry(it.input, "accepted", it.id, note_code, note))
+                collection.add(records, vectors[keep])
+                report.accepted += len(records)
+            collection.record(report.run_id, entries)
+            bar.update(len(batch))
+    bar.close()
+    if config.build_index:
+        report.index = collection.build_index()
+    report.table_version = collection.version
+    report.total_items = collection.count()
+    report.seconds = time.perf_counter() - start
+    log.info(report.summary())
+    return report

@@ -1,0 +1,170 @@
+"""Image folders: PNG/JPEG/TIFF/... and DICOM files (recognised by preamble or .dcm suffix),
+optionally described by a CSV manifest.
+
+Manifest columns: ``path`` (required, relative to the manifest's folder), ``label``,
+``patient_id`` (pseudonymised before it is stored); every other column becomes metadata (numbers
+when every value in the column is a number). Without a manifest every file under the folder is
+read, and with ``label_from_folder`` its parent folder name is its label.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from caselens.errors import SourceError
+from caselens.ingest.deid import pseudonym
+from caselens.ingest.items import Item, Rejection, content_id, sha256_file
+from caselens.ingest.sources.dicom import DicomReadError, is_dicom, read_dicom
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
+SKIP_NAMES = {"manifest.csv", ".ds_store", "thumbs.db", "dicomdir"}
+
+
+def _numeric_columns(rows: list[dict[str, str]], columns: list[str]) -> set[str]:
+    numeric = set()
+    for col in columns:
+        values = [r.get(col, "") for r in rows if (r.get(col) or "").strip()]
+        if not values:
+            continue
+        try:
+            [float(v) for v in values]
+        except ValueError:
+            continue
+        numeric.add(col)
+    return numeric
+
+
+class ImageSource:
+    """Images (and DICOM instances) from a folder or a list of files, with an optional manifest."""
+
+    kind = "image"
+
+    def __init__(self, root: Path | None = None, manifest: Path | None = None, secret: bytes = b"",
+                 label_from_folder: bool = False, files: list[Path] | None = None):
+        if root is None and manifest is None and files is None:
+            raise SourceError("give an image folder, a manifest or a list of files")
+        if root is not None:
+            self.root = Path(root).expanduser().resolve()
+        elif manifest is not None:
+            self.root = Path(manifest).expanduser().resolve().parent
+        else:
+            self.root = Path.cwd()
+        self.secret = secret
+        self.label_from_folder = label_from_folder
+        self.files = files
+        self.rows: list[dict[str, str]] | None = None
+        self.numeric: set[str] = set()
+        if root is not None and files is None and not self.root.is_dir():
+            raise SourceError(f"image folder {root} does not exist or is not a folder")
+        if manifest is not None:
+            manifest = Path(manifest).expanduser()
+            if not manifest.is_file():
+                raise SourceError(f"manifest {manifest} does not exist")
+            with manifest.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                columns = [c for c in (reader.fieldnames or [])]
+                if "path" not in columns:
+                    raise SourceError(f"manifest {manifest} has no 'path' column (columns: {columns}); "
+                                      "add one with each image's path relative to the manifest")
+                self.rows = list(reader)
+            self.manifest_dir = manifest.resolve().parent
+            self.numeric = _numeric_columns(self.rows, [c for c in columns if c not in ("path", "label", "patient_id")])
+
+    def estimate(self) -> int | None:
+        if self.rows is not None:
+            return len(self.rows)
+        if self.files is not None:
+            return len(self.files)
+        return None
+
+    def _walk(self) -> Iterator[Path]:
+        for path in sorted(self.root.rglob("*")):
+            if path.is_file() and not path.name.startswith(".") and path.name.lower() not in SKIP_NAMES:
+                yield path
+
+    def __iter__(self) -> Iterator[Item | Rejection]:
+        if self.rows is not None:
+            if not self.rows:
+                yield Rejection(str(self.manifest_dir / "manifest"), "empty_source", "manifest lists no images")
+            for line, row in enumerate(self.rows, start=2):
+                yield self._from_row(line, row)
+            return
+        paths = list(self.files) if self.files is not None else list(self._walk())
+        if not paths:
+            yield Rejection(str(self.root), "empty_source", "folder holds no files; nothing to ingest")
+        for path in paths:
+            label = None
+            if self.label_from_folder and path.parent != self.root:
+                label = path.parent.name
+            yield self.read(path, {"label": label} if label else {})
+
+    def _from_row(self, line: int, row: dict[str, str]) -> Item | Rejection:
+        rel = (row.get("path") or "").strip()
+        ref = f"manifest line {line}"
+        if not rel:
+            return Rejection(ref, "missing_path", "manifest row has an empty 'path'")
+        path = (self.manifest_dir / rel).resolve()
+        if not path.is_relative_to(self.manifest_dir):
+            return Rejection(rel, "outside_root", "path leaves the manifest's folder; refused")
+        if not path.is_file():
+            return Rejection(rel, "missing_file", f"file listed on {ref} does not exist")
+        meta: dict[str, Any] = {}
+        for key, value in row.items():
+            if key in (None, "path") or value is None:
+                continue
+            value = value.strip()
+            if not value:
+                continue
+            meta[key] = float(value) if key in self.numeric else value
+        return self.read(path, meta)
+
+    def _rel(self, path: Path) -> str:
+        base = getattr(self, "manifest_dir", self.root)
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            return path.name
+
+    def read(self, path: Path, meta: dict[str, Any]) -> Item | Rejection:
+        """Read one file into an item, or say why not."""
+        rel = self._rel(path)
+        meta = dict(meta)
+        if meta.get("patient_id"):
+            meta["patient_id"] = pseudonym(str(meta["patient_id"]), self.secret, "patient")
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            return Rejection(rel, "unreadable", f"cannot read file: {exc.strerror or exc}")
+        if path.stat().st_size == 0:
+            return Rejection(rel, "empty_file", "file is empty")
+        prov: dict[str, Any] = {"file": rel, "sha256": digest}
+        if is_dicom(path) or path.suffix.lower() in (".dcm", ".dicom"):
+            try:
+                image, dmeta, dprov = read_dicom(path, self.secret)
+            except DicomReadError as exc:
+                return Rejection(rel, exc.code, str(exc))
+            for key, value in dmeta.items():
+                meta.setdefault(key, value)
+            prov.update(dprov)
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(path) as im:
+                        im.load()
+                        image = im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()
+            except UnidentifiedImageError:
+                code = "not_an_image" if path.suffix.lower() not in IMAGE_SUFFIXES else "corrupt_image"
+                return Rejection(rel, code, "not an image or DICOM file Pillow or pydicom can read")
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                return Rejection(rel, "too_large", f"image too large to decode safely: {exc}")
+            except (OSError, ValueError, SyntaxError) as exc:
+                return Rejection(rel, "corrupt_image", f"image could not be decoded: {exc}")
+            prov.update({"reader": "pillow", "size": list(image.size)})
+        return Item(id=content_id(digest), kind="image", input=rel, source=rel, image=image,
+                    metadata=meta, provenance=prov)

@@ -1,0 +1,76 @@
+"""Text corpora: JSONL (one object a line) or CSV, each row with ``id`` and ``text``.
+
+Every other field becomes metadata (nested values are stored as JSON strings). Rows without an
+id or text, and lines that are not JSON, are rejected with the file and line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from caselens.errors import SourceError
+from caselens.ingest.items import Item, Rejection
+
+
+class TextCorpusSource:
+    """Rows of a JSONL or CSV file as text items."""
+
+    kind = "text"
+
+    def __init__(self, path: Path, id_field: str = "id", text_field: str = "text", limit: int | None = None):
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise SourceError(f"text corpus {path} does not exist")
+        if self.path.suffix.lower() not in (".jsonl", ".csv", ".ndjson"):
+            raise SourceError(f"text corpus {path}: use a .jsonl or .csv file with '{id_field}' and '{text_field}'")
+        self.id_field, self.text_field, self.limit = id_field, text_field, limit
+
+    def estimate(self) -> int | None:
+        with self.path.open("rb") as fh:
+            n = sum(1 for _ in fh)
+        n = n - 1 if self.path.suffix.lower() == ".csv" else n
+        return min(n, self.limit) if self.limit else n
+
+    def _rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+        with self.path.open(encoding="utf-8", newline="") as fh:
+            if self.path.suffix.lower() == ".csv":
+                for line, row in enumerate(csv.DictReader(fh), start=2):
+                    yield line, row, ""
+            else:
+                for line, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        obj = json.loads(raw)
+                    except json.JSONDecodeError as exc:
+                        yield line, None, f"line is not valid JSON ({exc.msg})"
+                        continue
+                    yield line, obj if isinstance(obj, dict) else None, "" if isinstance(obj, dict) else "line is not a JSON object"
+
+    def __iter__(self) -> Iterator[Item | Rejection]:
+        count = 0
+        for line, row, problem in self._rows():
+            if self.limit is not None and count >= self.limit:
+                break
+            count += 1
+            ref = f"{self.path.name}:{line}"
+            if row is None:
+                yield Rejection(ref, "bad_json", problem)
+                continue
+            item_id = str(row.get(self.id_field) or "").strip()
+            text = row.get(self.text_field)
+            if not item_id:
+                yield Rejection(ref, "missing_id", f"row has no '{self.id_field}'")
+                continue
+            if not isinstance(text, str) or not text.strip():
+                yield Rejection(ref, "empty_text", f"row {item_id!r} has no '{self.text_field}' text")
+                continue
+            meta = {k: (v if isinstance(v, (str, int, float)) and not isinstance(v, bool) else json.dumps(v))
+                    for k, v in row.items() if k not in (self.id_field, self.text_field) and v not in (None, "")}
+            yield Item(id=item_id, kind="text", input=ref, source=self.path.name, text=text.strip(),
+                       metadata=meta, provenance={"file": self.path.name, "line": line})
+        if count == 0:
+            yield Rejection(self.path.name, "empty_source", "corpus holds no rows")

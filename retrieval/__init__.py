@@ -1,0 +1,1 @@
+"""Encoders, search, answers, evaluation and the command line."""
