@@ -330,6 +330,12 @@ class Collection:
         rows = self._table.search().select(["_row"]).limit(self.count()).to_arrow().column("_row")
         return int(pa.compute.max(rows).as_py()) + 1
 
+    def compact(self) -> None:
+        """Merge the small files that batch-wise writes leave behind (keeps all data and versions)."""
+        from datetime import timedelta
+
+        self._table.optimize(cleanup_older_than=timedelta(days=7))
+
     def record(self, run_id: str, entries: Sequence[LedgerEntry]) -> None:
         """Append ingest outcomes to the ledger."""
         if not entries:

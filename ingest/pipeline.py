@@ -156,6 +156,8 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                 report.accepted += len(records)
             collection.record(report.run_id, entries)
             bar.update(len(batch))
+        if report.accepted:
+            collection.compact()
     bar.close()
     if config.build_index:
         report.index = collection.build_index()

@@ -18,11 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from caselens import __version__
-from caselens.errors import CaselensError, SourceError
+from caselens.errors import CaselensError, SourceError, UnsupportedModalityError
 from caselens.indexes.collection import Collection, default_home, list_collections
 
 console = Console()
-err = Console(stderr=True)
 
 
 def _encoder_options(pairs: Sequence[str]) -> dict[str, str]:
@@ -59,14 +58,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         encoder = load_from_record(Collection.open(args.collection, args.home).encoder)
     else:
         encoder = load_encoder("classic" if kind == "image" else DEFAULT_TEXT_ENCODER)
-    if exists:
-        collection = Collection.open(args.collection, args.home)
-        collection.check_encoder(encoder.info.to_record())
-    else:
-        collection = Collection.create(args.collection, encoder.info.to_record(), args.home)
-        console.print(f"created collection [bold]{args.collection}[/] at {collection.root} with encoder "
-                      f"{encoder.info.spec} ({encoder.info.dim}-d, fingerprint {encoder.info.fingerprint})")
-    secret = collection.secret()
+    if kind not in encoder.info.modalities:  # refuse before a collection is created
+        raise UnsupportedModalityError(f"encoder {encoder.info.spec} cannot embed {kind} items")
     if args.text:
         source: Any = TextCorpusSource(Path(args.text), args.id_field, args.text_field, limit=args.limit)
     elif args.dicom:
@@ -74,11 +67,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         missing = [str(p) for p in files if not p.is_file()]
         if missing:
             raise SourceError(f"--dicom: no such file(s): {', '.join(missing)}")
-        source = ImageSource(root=Path(os.path.commonpath([str(f.parent) for f in files])), secret=secret, files=files)
+        source = ImageSource(root=Path(os.path.commonpath([str(f.parent) for f in files])), files=files)
     else:
         source = ImageSource(root=Path(args.images) if args.images else None,
                              manifest=Path(args.manifest) if args.manifest else None,
-                             secret=secret, label_from_folder=args.label_from_folder)
+                             label_from_folder=args.label_from_folder)
+    if exists:
+        collection = Collection.open(args.collection, args.home)
+        collection.check_encoder(encoder.info.to_record())
+    else:
+        collection = Collection.create(args.collection, encoder.info.to_record(), args.home)
+        console.print(f"created collection [bold]{args.collection}[/] at {collection.root} with encoder "
+                      f"{encoder.info.spec} ({encoder.info.dim}-d, fingerprint {encoder.info.fingerprint})")
+    if isinstance(source, ImageSource):
+        source.secret = collection.secret()  # pseudonyms are keyed per collection
     report = ingest(source, collection, encoder, IngestConfig(batch_size=args.batch_size,
                                                               build_index=not args.no_index,
                                                               progress=not args.quiet))
@@ -325,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (CaselensError, ValueError, KeyError, FileExistsError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        err.print(f"caselens {args.command}: error: {message}", markup=False, highlight=False)
+        print(f"caselens {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -85,6 +85,10 @@ def _read_dicom(path: Path, secret: bytes) -> tuple[Image.Image, dict[str, Any],
         ds = pydicom.dcmread(str(path), force=not is_dicom(path))
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
         raise DicomReadError("corrupt_dicom", f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    meta = getattr(ds, "file_meta", None)
+    if len(ds) == 0 or (not (meta is not None and "TransferSyntaxUID" in meta)
+                        and "SOPClassUID" not in ds and "Rows" not in ds):
+        raise DicomReadError("corrupt_dicom", "no recognisable DICOM header (no transfer syntax, SOP class or image size)")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomReadError("no_pixel_data", "DICOM file has no pixel data (a report, structure or DICOMDIR?)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

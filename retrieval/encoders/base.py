@@ -177,3 +177,13 @@ def torch_weights_sha256(module: Any) -> str:
         digest.update(str(tuple(t.shape)).encode())
         digest.update(t.numpy().tobytes())
     return digest.hexdigest()
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and info logs (caselens shows its own progress)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from caselens.retrieval.encoders.base import (Encoder, EncoderInfo, best_device, fingerprint, l2_normalize,
-                                              take_options, torch_weights_sha256)
+                                              quiet_transformers, take_options, torch_weights_sha256)
 from caselens.retrieval.encoders.registry import register
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers:all-MiniLM-L6-v2"
@@ -43,6 +43,8 @@ class SentenceTransformerEncoder(Encoder):
     def __init__(self, target: str, batch_size: int = 32, query_prefix: str = "", document_prefix: str = "",
                  device: str | None = None):
         from sentence_transformers import SentenceTransformer
+
+        quiet_transformers()
 
         source = resolve_text_model(target)
         local = Path(source).exists()

@@ -111,6 +111,9 @@ class GemmaGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from caselens.retrieval.encoders.base import quiet_transformers
+
+        quiet_transformers()
         self.max_new_tokens = max_new_tokens
         folder = self._converted()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))

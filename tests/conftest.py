@@ -1,0 +1,81 @@
+"""Shared fixtures: real DICOM files from pydicom, small image folders, session-scoped encoders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+SHARED_MODELS = SHARED / "models"
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    """Skip unless ``path`` under ../shared exists."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared evaluation data not here)")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The packaged all-MiniLM-L6-v2 encoder, loaded once."""
+    from caselens.retrieval.encoders import load_encoder
+
+    return load_encoder("sentence-transformers:all-MiniLM-L6-v2")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An empty caselens home folder."""
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+def make_images(folder: Path, n_per_class: int = 6, size: int = 48, seed: int = 0) -> Path:
+    """Two visually distinct classes (stripes vs blobs) as PNGs plus a manifest with patients."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["path,label,patient_id,age"]
+    for i in range(n_per_class):
+        yy, xx = np.mgrid[:size, :size]
+        stripes = ((np.sin(xx / (2 + i % 3)) > 0) * 200 + rng.integers(0, 40, (size, size))).astype(np.uint8)
+        blob = (np.exp(-((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (60 + 10 * i)) * 230
+                + rng.integers(0, 20, (size, size))).astype(np.uint8)
+        Image.fromarray(stripes, "L").save(folder / f"stripes_{i}.png")
+        Image.fromarray(blob, "L").convert("RGB").save(folder / f"blob_{i}.png")
+        rows.append(f"stripes_{i}.png,stripes,P{i % 3},{40 + i}")
+        rows.append(f"blob_{i}.png,blob,P{3 + i % 3},{60 + i}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_images(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def dicom_files() -> list[Path]:
+    """A few real DICOM files shipped with pydicom (CT, MR, RLE MR, JPEG RGB, YBR colour, multi-frame RT dose)."""
+    from pydicom.data import get_testdata_file
+
+    names = ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg.dcm", "examples_ybr_color.dcm", "rtdose.dcm"]
+    return [Path(get_testdata_file(n)) for n in names]
+
+
+@pytest.fixture
+def dicom_folder(tmp_path: Path, dicom_files: list[Path]) -> Path:
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for f in dicom_files:
+        shutil.copy(f, folder / f.name)
+    return folder

@@ -1,0 +1,164 @@
+"""FAISS index life cycle and search, on real LanceDB tables and FAISS files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caselens.errors import EncoderMismatchError, QueryError
+from caselens.indexes import faiss_index
+from caselens.indexes.collection import Collection
+from caselens.ingest.pipeline import IngestConfig, ingest
+from caselens.ingest.sources import ImageSource
+from caselens.retrieval.encoders import load_encoder
+from caselens.retrieval.search import search, search_vector
+
+
+@pytest.fixture
+def cases(home: Path, image_folder: Path) -> Collection:
+    enc = load_encoder("classic")
+    coll = Collection.create("cases", enc.info.to_record(), home)
+    ingest(ImageSource(manifest=image_folder / "manifest.csv", secret=coll.secret()), coll, enc,
+           IngestConfig(progress=False))
+    return coll
+
+
+def _vector_collection(home: Path, n: int = 40, dim: int = 8, seed: int = 0) -> tuple[Collection, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    record = {"spec": "test:vectors", "dim": dim, "modalities": ["image"], "fingerprint": "f" * 16, "options": {}}
+    coll = Collection.create("vecs", record, home)
+    coll.add([{"id": f"v{i}", "kind": "image", "source": f"v{i}", "metadata": {"group": f"g{i % 4}", "score": float(i)}}
+              for i in range(n)], vecs)
+    return coll, vecs
+
+
+def test_image_in_index_finds_itself_first(cases: Collection, image_folder: Path) -> None:
+    for name in ("stripes_2.png", "blob_4.png"):
+        result = search(cases, image=image_folder / name, k=5)
+        assert result.hits[0].source == name
+        assert result.hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
+        assert all(a.score >= b.score for a, b in zip(result.hits, result.hits[1:]))
+        # the training-free descriptor still groups the synthetic classes
+        assert result.hits[1].label == result.hits[0].label
+
+
+def test_where_and_exclude_same_filter_before_ranking(cases: Collection, image_folder: Path) -> None:
+    result = search(cases, image=image_folder / "stripes_0.png", k=20, where="label = 'blob'")
+    assert result.hits and {h.label for h in result.hits} == {"blob"} and len(result.hits) == 6
+    mine = cases.rows("source = 'stripes_0.png'", ["patient_id"]).to_pylist()[0]["patient_id"]
+    result = search(cases, image=image_folder / "stripes_0.png", k=20, exclude_same="patient_id")
+    assert len(result.hits) == 12 - 2  # the query's patient has two images
+    assert all(h.metadata.get("patient_id") != mine for h in result.hits)
+    assert result.candidates == 10
+
+
+def test_bad_queries_raise_query_errors(cases: Collection, image_folder: Path) -> None:
+    with pytest.raises(QueryError, match="no column"):
+        search(cases, image=image_folder / "blob_0.png", exclude_same="nonexistent")
+    with pytest.raises(QueryError, match="could not be applied"):
+        search(cases, image=image_folder / "blob_0.png", where="label = = 'x'")
+    with pytest.raises(QueryError, match="does not exist"):
+        search(cases, image=image_folder / "nothing.png")
+    with pytest.raises(QueryError, match="exactly one"):
+        search(cases)
+    (image_folder / "bad.png").write_bytes(b"no image")
+    with pytest.raises(QueryError, match="cannot be read"):
+        search(cases, image=image_folder / "bad.png")
+
+
+def test_vector_search_matches_brute_force_with_filters(home: Path) -> None:
+    coll, vecs = _vector_collection(home)
+    q = vecs[3] + 0.1 * vecs[7]
+    q /= np.linalg.norm(q)
+    expected = np.argsort(-(vecs @ q))[:5]
+    got = search_vector(coll, q, k=5)
+    assert [h.id for h in got.hits] == [f"v{i}" for i in expected]
+    allowed = [i for i in range(len(vecs)) if i % 4 == 1]
+    expected = sorted(allowed, key=lambda i: -float(vecs[i] @ q))[:3]
+    got = search_vector(coll, q, k=3, where="\"group\" = 'g1'")
+    assert [h.id for h in got.hits] == [f"v{i}" for i in expected]
+    got = search_vector(coll, q, k=3, where="score >= 30")
+    assert all(int(h.id[1:]) >= 30 for h in got.hits) and len(got.hits) == 3
+    with pytest.raises(QueryError, match="dimension"):
+        search_vector(coll, np.ones(5), k=3)
+
+
+def test_stale_index_is_rebuilt_after_new_items(home: Path) -> None:
+    coll, vecs = _vector_collection(home)
+    index, stamp = coll.index()
+    assert stamp.ntotal == len(vecs) and stamp.table_version == coll.version
+    extra = np.eye(8, dtype=np.float32)[:1]
+    coll.add([{"id": "new", "kind": "image", "source": "new", "metadata": {}}], extra)
+    assert faiss_index.read_stamp(coll.index_dir).table_version < coll.version
+    hits = search_vector(coll, extra[0], k=1).hits
+    assert hits[0].id == "new"
+    assert faiss_index.read_stamp(coll.index_dir).ntotal == len(vecs) + 1
+
+
+def test_damaged_index_is_detected_and_rebuilt(home: Path) -> None:
+    coll, vecs = _vector_collection(home)
+    coll.index()
+    path = coll.index_dir / faiss_index.INDEX_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(faiss_index.IndexIntegrityError, match="checksum"):
+        faiss_index.load_index(coll.index_dir, coll.encoder["fingerprint"])
+    hits = search_vector(coll, vecs[5], k=1).hits  # rebuilds rather than serving garbage
+    assert hits[0].id == "v5"
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert search_vector(coll, vecs[9], k=1).hits[0].id == "v9"
+
+
+def test_index_from_another_encoder_is_refused(home: Path) -> None:
+    coll, vecs = _vector_collection(home)
+    coll.index()
+    stamp_path = coll.index_dir / faiss_index.STAMP_FILE
+    stamp = json.loads(stamp_path.read_text())
+    stamp["encoder_fingerprint"] = "0" * 16
+    stamp_path.write_text(json.dumps(stamp))
+    with pytest.raises(EncoderMismatchError, match="refusing"):
+        search_vector(coll, vecs[0], k=3)
+
+
+def test_collection_refuses_a_different_encoder_for_queries(cases: Collection) -> None:
+    with pytest.raises(EncoderMismatchError):
+        cases.check_encoder(load_encoder("pixels").info.to_record())
+
+
+def test_atomic_write_leaves_previous_index_when_interrupted(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    coll, vecs = _vector_collection(home)
+    coll.index()
+    before = (coll.index_dir / faiss_index.INDEX_FILE).read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(faiss_index.os, "fsync", boom)
+    coll.add([{"id": "x", "kind": "image", "source": "x", "metadata": {}}], vecs[:1])
+    with pytest.raises(OSError):
+        coll.build_index()
+    assert (coll.index_dir / faiss_index.INDEX_FILE).read_bytes() == before
+    assert not list(coll.index_dir.glob("*.tmp"))
+    monkeypatch.undo()
+    assert search_vector(coll, vecs[0], k=2).candidates == len(vecs) + 1
+
+
+def test_hnsw_index_above_threshold_searches_with_selector(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(600, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    monkeypatch.setattr(faiss_index, "HNSW_THRESHOLD", 100)
+    index, factory = faiss_index.build_index(vecs, np.arange(600) + 1000)
+    assert factory == "HNSW32"
+    scores, ids = faiss_index.search_index(index, vecs[:5], 1)
+    assert list(ids[:, 0]) == [1000, 1001, 1002, 1003, 1004]
+    allowed = np.arange(1000, 1600, 2)
+    _, ids = faiss_index.search_index(index, vecs[1:2], 10, allowed_ids=allowed)
+    assert all(i % 2 == 0 for i in ids[0] if i >= 0)
