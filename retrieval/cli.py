@@ -276,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("collection")
     s.add_argument("question")
     s.add_argument("--k", type=int, default=5, help="passages to retrieve (default 5)")
-    s.add_argument("--generator", default="auto", choices=["auto", "gemma", "extractive"],
-                   help="auto: Gemma 3 270M when installed, else extractive")
+    s.add_argument("--generator", default="auto", metavar="NAME",
+                   help="auto (Gemma 3 270M when installed, else extractive), gemma, extractive, or "
+                        "openai:<base url> for an OpenAI-compatible endpoint (model from $CASELENS_MODEL, "
+                        "key from $CASELENS_API_KEY)")
     s.add_argument("--where", metavar="SQL", help="filter passages on metadata columns")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_ask)
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_encoders)
 
     s = sub.add_parser("demo", help="ingest the bundled demo data, search an image, answer a question")
-    s.add_argument("--generator", default="auto", choices=["auto", "gemma", "extractive"])
+    s.add_argument("--generator", default="auto", metavar="NAME", help="as for `ask` (default auto)")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -325,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CaselensError, ValueError, KeyError, FileExistsError) as exc:
+    except (CaselensError, ValueError, KeyError, FileExistsError, ConnectionError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"caselens {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -114,3 +114,52 @@ def test_cli_errors_are_one_line_with_exit_2(home: Path, image_folder: Path, cap
 def test_gemma_generator_answers_from_package(kb: Collection) -> None:
     answer = ask(kb, "What is asthma?", k=2, generator="gemma")
     assert answer.generator.startswith("gemma") and answer.answer.strip()
+
+
+def test_openai_compatible_endpoint_round_trip(kb: Collection) -> None:
+    """A local HTTP server speaking the chat-completions protocol answers through the real client."""
+    import http.server
+    import threading
+
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            reply = {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                           "content": "Asthma narrows the airways [1]."}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        from caselens.retrieval.rag.generators import OpenAIChatGenerator
+
+        gen = OpenAIChatGenerator(f"http://127.0.0.1:{server.server_port}/v1", model="tiny", api_key="sk-test")
+        answer = ask(kb, "What is asthma?", k=2, generator=gen)
+    finally:
+        server.shutdown()
+    assert answer.answer == "Asthma narrows the airways [1]." and answer.grounded
+    request = seen[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
+    assert request["body"]["model"] == "tiny"
+    user = request["body"]["messages"][-1]["content"]
+    assert "[1] Asthma is a chronic disease" in user and "Question: What is asthma?" in user
+
+
+def test_unreachable_endpoint_is_a_clear_error(kb: Collection) -> None:
+    from caselens.retrieval.rag.generators import OpenAIChatGenerator
+
+    gen = OpenAIChatGenerator("http://127.0.0.1:9/v1", timeout=2)
+    with pytest.raises(ConnectionError, match="unreachable"):
+        ask(kb, "What is asthma?", k=1, generator=gen)
