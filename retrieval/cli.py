@@ -92,11 +92,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def _hits_table(result: Any) -> Table:
     table = Table(title=f"{result.collection}: {result.query} ({result.candidates} candidates, "
                         f"{result.milliseconds:.0f} ms)")
-    for col in ("rank", "score", "id", "label", "source"):
+    show_modality = any(h.metadata.get("modality") for h in result.hits)
+    columns = ["rank", "score", "id", "label"] + (["modality"] if show_modality else []) + ["source"]
+    for col in columns:
         table.add_column(col, overflow="fold")
     for h in result.hits:
         label = h.label if h.label is not None else (h.text[:60] + "…" if h.text and len(h.text) > 60 else h.text or "")
-        table.add_row(str(h.rank), f"{h.score:.4f}", h.id, label or "", h.source or "")
+        row = [str(h.rank), f"{h.score:.4f}", h.id, label or ""]
+        if show_modality:
+            row.append(str(h.metadata.get("modality") or ""))
+        table.add_row(*row, h.source or "")
     return table
 
 

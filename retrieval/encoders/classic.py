@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from caselens.errors import EncoderOptionError
 from caselens.retrieval.encoders.base import Encoder, EncoderInfo, fingerprint, l2_normalize, take_options, to_rgb
 from caselens.retrieval.encoders.registry import register
 
@@ -107,7 +108,7 @@ class ClassicEncoder(Encoder):
 
     def __init__(self, size: int = 128):
         if size % 8 or size < 32:
-            raise ValueError(f"classic: size must be a multiple of 8 and at least 32, got {size}")
+            raise EncoderOptionError(f"classic: size must be a multiple of 8 and at least 32, got {size}")
         self.size = size
         dim = classic_descriptor(Image.new("RGB", (size, size)), size).shape[0]
         self.info = EncoderInfo(spec="classic", dim=dim, modalities=("image",),

@@ -109,6 +109,8 @@ class OnnxEncoder(ModelFileEncoder):
         self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
+        # Models exported without a dynamic batch axis take one image per run.
+        self.fixed_batch_one = isinstance(inp.shape[0], int) and inp.shape[0] == 1
         self.input_dtype = np.uint8 if "uint8" in inp.type else np.float32
         self.input_is_integer = self.input_dtype == np.uint8
         layout = self.opts["layout"]
@@ -123,8 +125,9 @@ class OnnxEncoder(ModelFileEncoder):
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         if self.layout == "nchw":
             pixels = pixels.transpose(0, 3, 1, 2)
-        return np.asarray(self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(pixels)})[0],
-                          np.float32)
+        chunks = [pixels[i:i + 1] for i in range(len(pixels))] if self.fixed_batch_one else [pixels]
+        outs = [self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(c)})[0] for c in chunks]
+        return np.asarray(np.concatenate(outs), np.float32)
 
 
 class TfliteEncoder(ModelFileEncoder):

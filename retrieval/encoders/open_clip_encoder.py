@@ -10,6 +10,7 @@ Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors by op
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,7 +52,10 @@ class OpenClipEncoder(Encoder):
             dim = int(self.model.encode_image(preprocess(Image.new("RGB", (64, 64))).unsqueeze(0).to(self.device)).shape[-1])
         self.info = EncoderInfo(
             spec=f"open_clip:{target}", dim=dim, modalities=("image", "text"),
-            fingerprint=fingerprint("open_clip", torch_weights_sha256(model), repr(preprocess)),
+            # The preprocessing config (size, mean, std, resize mode), not its repr: the same model
+            # loaded from a checkpoint or a local-dir/hub folder must get the same fingerprint.
+            fingerprint=fingerprint("open_clip", torch_weights_sha256(model),
+                                    json.loads(json.dumps(open_clip.get_model_preprocess_cfg(model), default=str))),
             options={"batch_size": batch_size}, description=f"open_clip model {target}")
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:

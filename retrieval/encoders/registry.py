@@ -40,7 +40,7 @@ def register(scheme: str, summary: str) -> Callable[[Loader], Loader]:
 
     Rejects malformed schemes and second registrations of one scheme.
     """
-    if not _SCHEME_RE.match(scheme):
+    if not isinstance(scheme, str) or not _SCHEME_RE.fullmatch(scheme):
         raise ValueError(f"encoder scheme {scheme!r} must be lower-case letters, digits, '-' or '_'")
 
     def decorate(loader: Loader) -> Loader:

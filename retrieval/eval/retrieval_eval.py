@@ -81,7 +81,7 @@ def evaluate_retrieval(collection: Collection, label_column: str = "label", k: i
             valid = top[qi][np.isfinite(sims[qi, top[qi]])]
             if len(valid) == 0:
                 continue
-            rel = (label_ids[valid] == label_ids[q]).astype(np.float32)
+            rel = (label_ids[valid] == label_ids[q]).astype(np.float64)
             reachable = int(class_counts[label_ids[q]] - 1)
             if groups is not None:
                 same_group = (groups == groups[q]) & (label_ids == label_ids[q])
