@@ -149,11 +149,17 @@ def run_demo(home: Path, generator: str = "auto") -> int:
 
     console.rule("[bold]4. question")
     console.print(f'$ caselens ask demo-knowledge "{QUESTION}"')
-    answer = ask(texts, QUESTION, k=5, generator=generator)
-    console.print(f"[bold]Answer[/] (generator: {answer.generator}):\n{answer.answer}")
-    console.print("cites: " + (", ".join(f"[{n}]" for n in answer.cited) or "nothing (unsupported)"), markup=False)
-    for p in answer.passages:
-        console.print(f"  [{p['number']}] {p['id']}: {p['text'][:140]}", markup=False, highlight=False)
+    answer = ask(texts, QUESTION, generator=generator)
+    console.print(f"Answer (generator: {answer.generator}):", markup=False, highlight=False)
+    console.print(answer.answer, markup=False, highlight=False)
+    if answer.abstained and answer.raw_answer:
+        console.print(f"(generator's text, withheld because it cites no source: {answer.raw_answer})",
+                      markup=False, highlight=False)
+    if answer.abstained and answer.abstain_reason == "no_citations":
+        fallback = ask(texts, QUESTION, generator="extractive")
+        console.print("extractive answer from the same sources:", fallback.answer, markup=False, highlight=False)
+    for c in answer.context:
+        console.print(f"  [{c['key']}] {c['text'][:140]}", markup=False, highlight=False)
 
     console.rule("[bold]done")
     console.print(f"collections in {home.resolve()}: demo-dicom ({images.count()} items), "

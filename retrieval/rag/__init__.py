@@ -1,6 +1,7 @@
-"""Grounded answers: retrieve passages, prompt a generator, check the citations."""
+"""Grounded answers: retrieve cases and passages, prompt a generator, check the citations."""
 
-from caselens.retrieval.rag.answer import Answer, ask
-from caselens.retrieval.rag.generators import ExtractiveGenerator, GemmaGenerator, load_generator
+from caselens.retrieval.rag.answer import Answer, AskConfig, ask, retrieve_context
+from caselens.retrieval.rag.generators import ExtractiveGenerator, GemmaGenerator, Request, load_generator
 
-__all__ = ["Answer", "ExtractiveGenerator", "GemmaGenerator", "ask", "load_generator"]
+__all__ = ["Answer", "AskConfig", "ExtractiveGenerator", "GemmaGenerator", "Request", "ask", "load_generator",
+           "retrieve_context"]

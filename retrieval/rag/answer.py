@@ -1,4 +1,15 @@
-"""``ask``: retrieve passages from a text collection, answer with numbered citations, check them."""
+"""``ask``: retrieve cases and passages, prompt a generator, check the answer's citations, abstain
+when the evidence is weak.
+
+1. With a query image and a case collection, the image finds similar cases (``[case:…]``).
+2. The question, extended with the retrieved cases' labels and findings, finds passages in each
+   knowledge collection (``[doc:…]``, ``[page:…]``).
+3. Each kind of source gets its own token budget; ranked content is kept whole, the lowest
+   dropped.
+4. No generator runs when the best passage scores below ``min_score``: the answer abstains.
+5. The answer's citations are checked (:mod:`grounding`); an answer that cites nothing retrieved
+   abstains too, keeping the model's text in ``raw_answer``.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +17,32 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection
-from caselens.retrieval.rag.generators import Generator, Passage, load_generator
+from caselens.retrieval.rag.context import ContextItem, case_text, citation_key, item_kind, sanitize, within_budget
+from caselens.retrieval.rag.generators import Generator, Request, load_generator
+from caselens.retrieval.rag.grounding import check_grounding
+from caselens.retrieval.rag.prompts import ABSTAIN_TEXT
 from caselens.retrieval.search import search
 
-_CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+
+@dataclass
+class AskConfig:
+    """How ``ask`` retrieves, budgets and abstains."""
+
+    k: int = 5  # passages retrieved from each knowledge collection
+    k_cases: int = 3  # similar cases retrieved for a query image
+    task: str = "free"  # "free", "yesno" or "mc"
+    options: dict[str, str] | None = None  # letter -> text for "mc"
+    where: str | None = None  # SQL filter applied to knowledge collections
+    min_score: float = 0.25  # abstain when the best passage's similarity is below this
+    budget_tokens: dict[str, int] = field(default_factory=lambda: {"case": 600, "page": 1500, "doc": 1500})
+    min_overlap: float = 0.5  # share of a sentence's content words its cited source must contain
+    max_new_tokens: int = 160  # generation length limit
+    require_citations: bool = True  # abstain when a free/yes-no answer cites nothing retrieved
 
 
 @dataclass
@@ -20,54 +50,128 @@ class Answer:
     """An answer, who gave it, what it rests on, and whether its citations hold."""
 
     question: str
-    answer: str
+    answer: str  # what to show: the model's answer, or the abstention message
     generator: str  # which generator answered
-    passages: list[dict]  # number, id, score, source, text of each passage put in the prompt
-    cited: list[int] = field(default_factory=list)  # passage numbers the answer cites that exist
-    invalid_citations: list[int] = field(default_factory=list)  # cited numbers that match no passage
-    timings_ms: dict[str, float] = field(default_factory=dict)  # retrieval, generation
+    abstained: bool = False
+    abstain_reason: str = ""  # "weak_retrieval", "no_citations", "invalid_citations"
+    raw_answer: str = ""  # the generator's text, kept when the answer abstained
+    choice: str | None = None  # option letter for multiple-choice and yes/no tasks
+    context: list[dict] = field(default_factory=list)  # key, kind, collection, id, score, source, text
+    dropped: list[str] = field(default_factory=list)  # keys retrieved but left out by the token budget
+    grounding: dict = field(default_factory=dict)  # cited, invalid_citations, sentences, supported_fraction
+    timings_ms: dict[str, float] = field(default_factory=dict)  # retrieval, prompt, generation
+
+    @property
+    def cited(self) -> list[str]:
+        return list(self.grounding.get("cited", []))
+
+    @property
+    def invalid_citations(self) -> list[str]:
+        return list(self.grounding.get("invalid_citations", []))
 
     @property
     def grounded(self) -> bool:
-        """True when the answer cites at least one passage and nothing that was not retrieved."""
-        return bool(self.cited) and not self.invalid_citations
+        return bool(self.grounding.get("grounded"))
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "grounded": self.grounded}, indent=2)
+        return json.dumps(asdict(self), indent=2, default=str)
 
 
-def citations(text: str) -> list[int]:
-    """Numbers cited as [n] or [n, m] in ``text``, in order of first appearance."""
-    out: list[int] = []
-    for group in _CITE.findall(text):
-        for n in group.split(","):
-            if int(n) not in out:
-                out.append(int(n))
-    return out
+_LETTER = re.compile(r"^\W*([A-Z])(?:[\.\):\s]|$)")
 
 
-def ask(collection: Collection, question: str, k: int = 5, generator: Generator | str = "auto",
-        where: str | None = None) -> Answer:
-    """Answer ``question`` from the top-``k`` text passages of ``collection``."""
+def parse_choice(text: str, options: dict[str, str] | None) -> str | None:
+    """The option letter an answer starts with (or whose yes/no/maybe word it starts with)."""
+    if not options:
+        return None
+    m = _LETTER.match(text.strip())
+    if m and m.group(1) in options:
+        return m.group(1)
+    first = re.match(r"\W*(\w+)", text.lower())
+    if first:
+        for letter, option in options.items():
+            if option.strip().lower().rstrip(".") == first.group(1):
+                return letter
+    return None
+
+
+def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Collection | None = None,
+                     image: Path | None = None, config: AskConfig | None = None) -> list[ContextItem]:
+    """Cases for ``image`` and passages for ``question`` (+ the cases' findings), best first per kind."""
+    config = config or AskConfig()
+    items: list[ContextItem] = []
+    query = question
+    if image is not None:
+        if cases is None:
+            raise QueryError("a query image needs a case collection (--cases)")
+        result = search(cases, image=Path(image), k=config.k_cases)
+        for hit in result.hits:
+            text = sanitize(case_text(hit))
+            path = Path(hit.source) if hit.source else None
+            items.append(ContextItem(citation_key("case", hit), "case", cases.name, hit.id, text, hit.score,
+                                     hit.source, str(path) if path and path.is_absolute() and path.exists() else None))
+        findings = " ".join(sorted({it.text for it in items if it.text != "(no report)"}))
+        query = f"{question} {findings}".strip()
+    for coll in knowledge:
+        result = search(coll, text=query, k=config.k, where=config.where)
+        for hit in result.hits:
+            if not hit.text:
+                continue
+            kind = item_kind(hit)
+            items.append(ContextItem(citation_key(kind, hit), kind, coll.name, hit.id, sanitize(hit.text),
+                                     hit.score, hit.source))
+    items.sort(key=lambda it: -it.score)
+    return items
+
+
+def ask(knowledge: Collection | Sequence[Collection], question: str, *, generator: Generator | str = "auto",
+        cases: Collection | None = None, image: Path | None = None, config: AskConfig | None = None) -> Answer:
+    """Answer ``question`` from ``knowledge`` collections (and cases similar to ``image``)."""
+    config = config or AskConfig()
     if not question.strip():
         raise QueryError("question is empty")
+    knowledge = [knowledge] if isinstance(knowledge, Collection) else list(knowledge)
     t0 = time.perf_counter()
-    result = search(collection, text=question, k=k, where=where)
-    hits = [h for h in result.hits if h.text]
-    passages = [Passage(h.rank, h.id, h.text or "", h.score) for h in hits]
-    if not passages:
-        raise QueryError(f"collection {collection.name!r} returned no text passages to answer from; "
-                         "ask a collection built from a text corpus")
+    items = retrieve_context(question, knowledge, cases, image, config)
     t1 = time.perf_counter()
     gen = load_generator(generator) if isinstance(generator, str) else generator
     t2 = time.perf_counter()
-    text = gen.answer(question, passages)
+    kept: list[ContextItem] = []
+    dropped: list[ContextItem] = []
+    for kind in ("case", "page", "doc"):
+        of_kind = [it for it in items if it.kind == kind]
+        k, d = within_budget(of_kind, config.budget_tokens.get(kind, 1500), gen.count_tokens)
+        kept += k
+        dropped += d
+    kept.sort(key=lambda it: (-(it.kind == "case"), -it.score))
+    answer = Answer(question=question, answer="", generator=gen.name,
+                    context=[{**asdict(it), "score": round(it.score, 4)} for it in kept],
+                    dropped=[it.key for it in dropped])
+    passages = [it for it in kept if it.kind != "case"]
+    best = max((it.score for it in passages), default=0.0)
     t3 = time.perf_counter()
-    numbers = {p.number for p in passages}
-    cited = citations(text)
-    return Answer(question=question, answer=text, generator=gen.name,
-                  passages=[{"number": p.number, "id": p.id, "score": round(p.score, 4),
-                             "source": h.source, "text": p.text} for p, h in zip(passages, hits)],
-                  cited=[n for n in cited if n in numbers], invalid_citations=[n for n in cited if n not in numbers],
-                  timings_ms={"retrieval": (t1 - t0) * 1000, "load_generator": (t2 - t1) * 1000,
-                              "generation": (t3 - t2) * 1000})
+    if best < config.min_score:
+        answer.abstained, answer.abstain_reason = True, "weak_retrieval"
+        answer.answer = (f"{ABSTAIN_TEXT} (best passage similarity {best:.2f} is below the "
+                         f"abstention threshold {config.min_score:.2f})")
+    else:
+        request = Request(question=question, items=kept, task=config.task, options=config.options,
+                          max_new_tokens=config.max_new_tokens)
+        text = gen.generate(request)
+        answer.raw_answer = text
+        answer.choice = parse_choice(text, config.options)
+        grounding = check_grounding(text, kept, config.min_overlap)
+        answer.grounding = {**asdict(grounding), "supported_fraction": grounding.supported_fraction,
+                            "grounded": grounding.grounded}
+        answer.answer = text
+        if grounding.invalid_citations:
+            answer.abstained, answer.abstain_reason = True, "invalid_citations"
+            answer.answer = f"{ABSTAIN_TEXT} (the answer cited sources that were not retrieved: " \
+                            f"{', '.join(grounding.invalid_citations)})"
+        elif config.require_citations and config.task != "mc" and not grounding.cited:
+            answer.abstained, answer.abstain_reason = True, "no_citations"
+            answer.answer = f"{ABSTAIN_TEXT} (the generator's answer cites no retrieved source)"
+    t4 = time.perf_counter()
+    answer.timings_ms = {"retrieval": (t1 - t0) * 1000, "load_generator": (t2 - t1) * 1000,
+                         "prompt": (t3 - t2) * 1000, "generation": (t4 - t3) * 1000}
+    return answer
