@@ -120,26 +120,36 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------- ask
 def cmd_ask(args: argparse.Namespace) -> int:
-    from caselens.retrieval.rag import ask
+    from caselens.retrieval.rag import AskConfig, ask
 
-    collection = _open(args)
+    knowledge = [Collection.open(name.strip(), args.home) for name in args.collection.split(",") if name.strip()]
+    cases = Collection.open(args.cases, args.home) if args.cases else None
+    options = _encoder_options(args.option) if args.option else None
+    task = args.task or ("mc" if options else "free")
+    config = AskConfig(k=args.k, task=task, options=options, where=args.where, min_score=args.min_score)
     with console.status("retrieving and generating…", spinner="dots") if not args.json else _null():
-        answer = ask(collection, args.question, k=args.k, generator=args.generator, where=args.where)
+        answer = ask(knowledge, args.question, generator=args.generator, cases=cases,
+                     image=Path(args.image) if args.image else None, config=config)
     if args.json:
         print(answer.to_json())
         return 0
-    console.print(f"[bold]Question:[/] {answer.question}")
-    console.print(f"[bold]Answer[/] (generator: {answer.generator}):\n{answer.answer}")
-    status = ("citations check: cites " + ", ".join(f"[{n}]" for n in answer.cited)) if answer.cited else \
-        "citations check: the answer cites no passage; treat it as unsupported"
-    if answer.invalid_citations:
-        status += f"; cites passages that were not retrieved: {answer.invalid_citations}"
-    console.print(status, markup=False)
-    console.print("[bold]Passages[/]:")
-    for p in answer.passages:
-        text = " ".join(p["text"].split())
-        console.print(f"  [{p['number']}] {p['id']} (score {p['score']:.3f}): {text[:160]}{'…' if len(text) > 160 else ''}",
+    console.print(f"Question: {answer.question}", markup=False, highlight=False)
+    console.print(f"Answer (generator: {answer.generator}):", markup=False, highlight=False)
+    console.print(answer.answer, markup=False, highlight=False)
+    if answer.abstained and answer.raw_answer:
+        console.print(f"(generator's text, not shown as an answer: {answer.raw_answer})", markup=False, highlight=False)
+    if answer.grounding:
+        g = answer.grounding
+        console.print(f"citations: {', '.join(g['cited']) or 'none'}; supported sentences: "
+                      f"{g['supported_fraction']:.0%}" + (f"; invalid: {g['invalid_citations']}" if g["invalid_citations"] else ""),
                       markup=False, highlight=False)
+    console.print("Sources:")
+    for c in answer.context:
+        text = " ".join(c["text"].split())
+        console.print(f"  [{c['key']}] ({c['collection']}, score {c['score']:.3f}): {text[:150]}{'…' if len(text) > 150 else ''}",
+                      markup=False, highlight=False)
+    if answer.dropped:
+        console.print(f"  left out by the token budget: {', '.join(answer.dropped)}", markup=False, highlight=False)
     return 0
 
 
@@ -277,13 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_search)
 
-    s = sub.add_parser("ask", help="answer a question from a text collection, with citations")
-    s.add_argument("collection")
+    s = sub.add_parser("ask", help="answer a question from knowledge collections (and similar cases), with checked citations")
+    s.add_argument("collection", help="knowledge collection(s), comma-separated")
     s.add_argument("question")
-    s.add_argument("--k", type=int, default=5, help="passages to retrieve (default 5)")
+    s.add_argument("--k", type=int, default=5, help="passages per knowledge collection (default 5)")
+    s.add_argument("--cases", metavar="COLLECTION", help="image collection of cases for --image")
+    s.add_argument("--image", metavar="PATH", help="query image: similar cases join the context")
+    s.add_argument("--task", choices=["free", "yesno", "mc"], help="answer form (default: mc with --option, else free)")
+    s.add_argument("--option", action="append", default=[], metavar="LETTER=TEXT", help="a multiple-choice option, repeatable")
+    s.add_argument("--min-score", type=float, default=0.25, help="abstain when the best passage scores below this")
     s.add_argument("--generator", default="auto", metavar="NAME",
-                   help="auto (Gemma 3 270M when installed, else extractive), gemma, extractive, or "
-                        "openai:<base url> for an OpenAI-compatible endpoint (model from $CASELENS_MODEL, "
+                   help="auto (Gemma 3 270M when installed, else extractive), gemma, extractive, hf:<model folder>, "
+                        "or openai:<base url> for an OpenAI-compatible endpoint (model from $CASELENS_MODEL, "
                         "key from $CASELENS_API_KEY)")
     s.add_argument("--where", metavar="SQL", help="filter passages on metadata columns")
     s.add_argument("--json", action="store_true")
