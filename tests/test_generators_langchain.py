@@ -47,6 +47,17 @@ def test_transformers_generator_generates_and_scores_options(tiny_lm: Path) -> N
     assert isinstance(text, str)
     scores = gen.option_scores("which organ ?", {"A": "airways", "B": "bone"})
     assert set(scores) == {"A", "B"} and all(s < 0 for s in scores.values())
+    # The cached-prefix scoring equals a plain full forward pass over prompt + option.
+    import torch
+
+    for letter, text in {"A": "airways", "B": "bone skin"}.items():
+        base = gen.tokenizer("which organ ?", return_tensors="pt")["input_ids"]
+        cont = gen.tokenizer(f" {letter}. {text}", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.cat([base, cont], dim=1)
+        with torch.no_grad():
+            logp = torch.log_softmax(gen.model(ids).logits[0, :-1].float(), dim=-1)
+        naive = float(logp[-cont.shape[1]:].gather(1, ids[0, -cont.shape[1]:, None]).mean())
+        assert gen.option_scores("which organ ?", {letter: text})[letter] == pytest.approx(naive, abs=1e-4)
     request = Request("which organ ?", items, task="mc", options={"A": "airways", "B": "bone"})
     expected = gen.option_scores(request.prompt(), request.options)
     choice = gen.generate(request)

@@ -12,7 +12,7 @@ from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import TextCorpusSource
 from caselens.retrieval.cli import main
-from caselens.retrieval.eval.qa_eval import evaluate_qa
+from caselens.retrieval.eval.qa_eval import calibrate_threshold, evaluate_qa
 
 DOCS = [
     {"id": "pmid:101", "text": "Metformin lowers hepatic glucose production and is first-line therapy for type 2 diabetes."},
@@ -70,3 +70,10 @@ def test_eval_qa_cli_and_bad_files(setup, home: Path, tmp_path: Path, capsys: py
         evaluate_qa(bad, [coll], "extractive", progress=False)
     with pytest.raises(QueryError, match="not in"):
         evaluate_qa(questions, [coll], "extractive", tasks=["nope"], progress=False)
+
+
+def test_calibrated_threshold_separates_hits_from_misses() -> None:
+    pairs = [(0.9, True), (0.8, True), (0.6, True), (0.55, False), (0.4, False), (0.7, False)]
+    threshold, j = calibrate_threshold(pairs)
+    assert threshold == 0.6 and j == pytest.approx(1 - 1 / 3)
+    assert calibrate_threshold([(0.5, True)]) == (None, None)

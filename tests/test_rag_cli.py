@@ -272,3 +272,23 @@ def test_unreachable_endpoint_is_a_clear_error(kb: Collection) -> None:
     gen = OpenAIChatGenerator("http://127.0.0.1:9/v1", timeout=2)
     with pytest.raises(ConnectionError, match="unreachable"):
         ask(kb, "What is asthma?", generator=gen, config=AskConfig(k=1))
+
+
+def test_endpoint_messages_attach_case_images_as_data_urls(tmp_path: Path) -> None:
+    import base64
+
+    from PIL import Image
+
+    from caselens.retrieval.rag.generators import OpenAIChatGenerator, Request
+
+    png = tmp_path / "case.png"
+    Image.new("L", (8, 8), 200).save(png)
+    items = [ContextItem("case:c1", "case", "cases", "c1", "Label: pneumonia.", 0.9, "case.png", str(png)),
+             ContextItem("doc:d1", "doc", "kb", "d1", "Pneumonia is an infection.", 0.8)]
+    messages = OpenAIChatGenerator("http://127.0.0.1:1/v1").messages(Request("What is shown?", items))
+    content = messages[1]["content"]
+    assert content[0]["type"] == "text" and '<source key="case:c1"' in content[0]["text"]
+    url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+    assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1]) == png.read_bytes()
+    text_only = OpenAIChatGenerator("http://127.0.0.1:1/v1", send_images=False).messages(Request("Q?", items))
+    assert isinstance(text_only[1]["content"], str)

@@ -12,6 +12,10 @@ The questions file is ``{task: {qid: {question, options: {A: …}, answer: "A", 
   citation_validity     answers with no citation to anything not retrieved / answers that cite
   seconds_per_question  wall time of the RAG answer
 
+and, over all questions with gold documents, ``suggested_min_score``: the abstention threshold on
+the best passage's similarity that best separates questions whose gold document was retrieved
+from those whose was not (maximum Youden's J) — the calibration for ``ask --min-score``.
+
 Works with any generator; language models score options by likelihood (see generators.py).
 """
 
@@ -58,9 +62,26 @@ class QAEval:
     k: int
     min_score: float
     tasks: dict[str, TaskResult] = field(default_factory=dict)
+    suggested_min_score: float | None = None  # calibrated abstention threshold (see module docstring)
+    calibration_j: float | None = None  # Youden's J at that threshold
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def calibrate_threshold(pairs: Sequence[tuple[float, bool]]) -> tuple[float | None, float | None]:
+    """Threshold on best-passage score maximising TPR - FPR for "gold retrieved" (positives kept)."""
+    pos = sum(1 for _, hit in pairs if hit)
+    neg = len(pairs) - pos
+    if not pos or not neg:
+        return None, None
+    best_t, best_j = None, -1.0
+    for t in sorted({s for s, _ in pairs}):
+        tpr = sum(1 for s, hit in pairs if hit and s >= t) / pos
+        fpr = sum(1 for s, hit in pairs if not hit and s >= t) / neg
+        if tpr - fpr > best_j:
+            best_t, best_j = t, tpr - fpr
+    return best_t, best_j
 
 
 def load_questions(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -102,6 +123,7 @@ def evaluate_qa(questions: Path, knowledge: Sequence[Collection], generator: Gen
             raise QueryError(f"tasks {sorted(unknown)} not in {questions} (tasks there: {sorted(data)})")
     result = QAEval(questions=str(questions), knowledge=[c.name for c in knowledge], generator=gen.name, k=k,
                     min_score=min_score)
+    pairs: list[tuple[float, bool]] = []
     for task in tasks or list(data):
         items = list(data[task].items())
         if limit_per_task and len(items) > limit_per_task:
@@ -129,6 +151,8 @@ def evaluate_qa(questions: Path, knowledge: Sequence[Collection], generator: Gen
                 if gold:
                     in_context = {_doc_id(c["id"]) for c in answer.context}
                     recalls.append(len(gold & in_context) / len(gold))
+                    best = max((c["score"] for c in answer.context if c["kind"] != "case"), default=0.0)
+                    pairs.append((float(best), recalls[-1] > 0))
         n = len(items)
         result.tasks[task] = TaskResult(
             task=task, n=n,
@@ -138,4 +162,5 @@ def evaluate_qa(questions: Path, knowledge: Sequence[Collection], generator: Gen
             abstention_rate=abstained / n if knowledge and n else None,
             citation_validity=valid / cited if cited else None,
             seconds_per_question=seconds / n if knowledge and n else None)
+    result.suggested_min_score, result.calibration_j = calibrate_threshold(pairs)
     return result

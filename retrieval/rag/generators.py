@@ -129,19 +129,27 @@ class TransformersGenerator:
         return self.tokenizer(text, return_tensors="pt").to(self.device)
 
     def option_scores(self, prompt: str, options: dict[str, str]) -> dict[str, float]:
-        """Mean log-likelihood of each " X. option" continuation after ``prompt``."""
+        """Mean log-likelihood of each " X. option" continuation after ``prompt``.
+
+        The prompt is run once; each option continues from a copy of its key/value cache.
+        """
+        import copy
+
         torch = self._torch
-        base = self._ids(prompt)["input_ids"]
+        base = self._ids(prompt)["input_ids"][:, -(self.context_limit - 64):]
         scores = {}
-        for letter, text in options.items():
-            cont = self.tokenizer(f" {letter}. {text}", add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-            ids = torch.cat([base, cont], dim=1)[:, -self.context_limit:]
-            with torch.no_grad():
-                logits = self.model(ids).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            n = cont.shape[1]
-            targets = ids[0, -n:]
-            scores[letter] = float(logp[-n:].gather(1, targets[:, None]).mean())
+        with torch.no_grad():
+            out = self.model(base, use_cache=True)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            for letter, text in options.items():
+                cont = self.tokenizer(f" {letter}. {text}", add_special_tokens=False,
+                                      return_tensors="pt")["input_ids"].to(self.device)[:, :64]
+                total = first[cont[0, 0]]
+                if cont.shape[1] > 1:
+                    rest = self.model(cont, past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
+                    logp = torch.log_softmax(rest.logits[0, :-1].float(), dim=-1)
+                    total = total + logp.gather(1, cont[0, 1:, None]).sum()
+                scores[letter] = float(total) / cont.shape[1]
         return scores
 
     def generate(self, request: Request) -> str:
