@@ -112,7 +112,7 @@ def run_demo(home: Path, generator: str = "auto") -> int:
     from caselens.ingest.pipeline import IngestConfig, ingest
     from caselens.ingest.sources import ImageSource, TextCorpusSource
     from caselens.retrieval.cli import _hits_table
-    from caselens.retrieval.encoders import load_encoder
+    from caselens.retrieval.encoders import Encoder, load_encoder
     from caselens.retrieval.encoders.text import DEFAULT_TEXT_ENCODER
     from caselens.retrieval.rag import ask
     from caselens.retrieval.search import collection_encoder, search
@@ -122,23 +122,21 @@ def run_demo(home: Path, generator: str = "auto") -> int:
     dicom_dir, corpus = prepare_inputs(home)
     console.rule("[bold]1. DICOM case collection")
     console.print(f"inputs: {dicom_dir}")
-    if Collection.exists("demo-dicom", home):
-        images = Collection.open("demo-dicom", home)
-        encoder = collection_encoder(images)
-    else:
-        encoder = load_encoder("classic")
-        images = Collection.create("demo-dicom", encoder.info.to_record(), home)
+
+    def open_or_create(name: str, spec: str) -> tuple[Collection, Encoder]:
+        if Collection.exists(name, home):
+            coll = Collection.open(name, home)
+            return coll, collection_encoder(coll)
+        enc = load_encoder(spec)
+        return Collection.create(name, enc.info.to_record(), home), enc
+
+    images, encoder = open_or_create("demo-dicom", "classic")
     report = ingest(ImageSource(dicom_dir, secret=images.secret()), images, encoder, IngestConfig())
     console.print(report.summary())
 
     console.rule("[bold]2. knowledge collection")
     console.print(f"inputs: {corpus}")
-    if Collection.exists("demo-knowledge", home):
-        texts = Collection.open("demo-knowledge", home)
-        tencoder = collection_encoder(texts)
-    else:
-        tencoder = load_encoder(DEFAULT_TEXT_ENCODER)
-        texts = Collection.create("demo-knowledge", tencoder.info.to_record(), home)
+    texts, tencoder = open_or_create("demo-knowledge", DEFAULT_TEXT_ENCODER)
     report = ingest(TextCorpusSource(corpus), texts, tencoder, IngestConfig(batch_size=64))
     console.print(report.summary())
 
