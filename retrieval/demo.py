@@ -59,7 +59,7 @@ def knowledge_rows() -> list[dict]:
             stack = [Ontology.get_hpo_object(root_id)]
             while stack:
                 term = stack.pop()
-                stack.extend(term.children)
+                stack.extend(sorted(term.children, key=lambda t: t.id))
                 if term.id in seen or not term.definition:
                     continue
                 seen.add(term.id)
