@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,16 @@ class LedgerEntry:
     item_id: str = ""  # id of the stored item, when there is one
     reason_code: str = ""  # short machine-readable reason for rejections ("corrupt_image", ...)
     reason: str = ""  # human-readable reason with the hint to fix
+
+
+_LOCKS: dict[str, threading.RLock] = {}
+_LOCK_DEPTH: dict[str, int] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(root: Path) -> threading.RLock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(str(root), threading.RLock())
 
 
 class Collection:
@@ -177,7 +188,9 @@ class Collection:
     def version(self) -> int:
         """Current version of the items table (grows with every write)."""
         self._table.checkout_latest()
-        return int(self._table.version)
+        self._seen_version = int(self._table.version)
+        self._checked_at = time.monotonic()
+        return self._seen_version
 
     def secret(self) -> bytes:
         """The collection's pseudonym key."""
@@ -206,13 +219,26 @@ class Collection:
     # ------------------------------------------------------------------ locks
     @contextlib.contextmanager
     def write_lock(self) -> Iterator[None]:
-        """Exclusive lock held by writers of this collection (ingest, index rebuild)."""
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        """Exclusive lock held by writers of this collection (ingest, add, delete, index updates).
+
+        Re-entrant within one process (an ingest holding it may call :meth:`add`); exclusive
+        between processes (``flock``) and between threads."""
+        lock = _process_lock(self.root)
+        with lock:
+            depth = _LOCK_DEPTH.get(str(self.root), 0)
+            _LOCK_DEPTH[str(self.root)] = depth + 1
             try:
-                yield
+                if depth:
+                    yield
+                    return
+                with open(self.root / ".lock", "a") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(fh, fcntl.LOCK_UN)
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                _LOCK_DEPTH[str(self.root)] = depth
 
     # ------------------------------------------------------------------ reads
     def existing_ids(self, ids: Iterable[str] | None = None) -> set[str]:
@@ -246,11 +272,71 @@ class Collection:
         """Rows keyed by their ``_row`` number."""
         if not len(row_ids):
             return {}
-        cols = list(columns) if columns else [c for c in self.columns() if c != "vector"]
-        if "_row" not in cols:
-            cols.append("_row")
-        table = self.rows(f"_row IN ({','.join(str(int(r)) for r in row_ids)})", cols, limit=len(row_ids))
+        table = self._cached_rows(row_ids, None) if columns is None else None
+        if table is None:
+            cols = list(columns) if columns else [c for c in self.columns() if c != "vector"]
+            if "_row" not in cols:
+                cols.append("_row")
+            table = self.take(row_ids, cols)
         return {row["_row"]: row for row in table.to_pylist()}
+
+    def _fresh_version(self) -> int:
+        """The table version, checked out again unless that happened in the last 50 ms (reads of
+        one search share one snapshot and one round trip)."""
+        if time.monotonic() - getattr(self, "_checked_at", -1.0) > 0.05:
+            return self.version
+        return self._seen_version
+
+    def _cached_rows(self, row_ids: Sequence[int], columns: list[str] | None) -> pa.Table | None:
+        """The non-vector columns (or ``columns``) of ``row_ids`` from an in-memory copy of the
+        table (per table version) when it fits ``CASELENS_JOIN_CACHE_BYTES`` (default 512 MB);
+        None otherwise. Search results join their metadata here in microseconds instead of a
+        LanceDB round trip."""
+        limit = int(os.environ.get("CASELENS_JOIN_CACHE_BYTES", str(512 << 20)))
+        version = self._fresh_version()
+        if limit <= 0 or getattr(self, "_join_cache_off", None) == version:
+            return None
+        cached = getattr(self, "_join_cache", None)
+        if cached is None or cached[0] != version:
+            self._join_cache = None
+            cols = [c for c in self.columns() if c != "vector"]
+            table = self._table.search().select(cols).limit(max(1, self._table.count_rows())).to_arrow()
+            if table.nbytes > limit:  # too large to keep: LanceDB takes by row address instead
+                self._join_cache_off = version
+                return None
+            rows = table.column("_row").to_numpy()
+            order = np.argsort(rows, kind="stable")
+            cached = (version, rows[order], table.take(pa.array(order)).combine_chunks())
+            self._join_cache = cached
+        _, rows, table = cached
+        want = np.asarray(row_ids, np.int64)
+        pos = np.minimum(np.searchsorted(rows, want), max(0, len(rows) - 1))
+        found = rows[pos] == want if len(rows) else np.zeros(len(want), bool)
+        picked = table.take(pa.array(pos[found]))
+        return picked if columns is None else picked.select([c for c in columns if c in table.column_names])
+
+    def take(self, row_ids: Sequence[int], columns: Sequence[str]) -> pa.Table:
+        """Columns of the rows numbered ``row_ids`` (missing ones left out), read by LanceDB row
+        address: no scan, whatever the table size. The ``_row`` -> address map is built once
+        per table version (one scan of ``_row``) and kept in memory."""
+        version = self._fresh_version()
+        cached = getattr(self, "_address_map", None)
+        if cached is None or cached[0] != version:
+            if self._table.count_rows() == 0:
+                return self._table.search().select(list(columns)).limit(1).to_arrow().slice(0, 0)
+            got = self._table.search().select(["_row"]).with_row_id(True).limit(self._table.count_rows()).to_arrow()
+            rows = got.column("_row").to_numpy()
+            order = np.argsort(rows, kind="stable")
+            cached = (version, rows[order], got.column("_rowid").to_numpy()[order])
+            self._address_map = cached
+        _, rows, addresses = cached
+        want = np.asarray(row_ids, np.int64)
+        pos = np.minimum(np.searchsorted(rows, want), max(0, len(rows) - 1))
+        found = rows[pos] == want if len(rows) else np.zeros(len(want), bool)
+        wanted = [int(a) for a in addresses[pos[found]]]
+        if not wanted:
+            return self._table.search().select(list(columns)).limit(1).to_arrow().slice(0, 0)
+        return self._table.take_row_ids(wanted).select(list(columns)).to_arrow()
 
     def vectors(self, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(row numbers, vector matrix) of the rows matching ``where``."""
@@ -273,6 +359,7 @@ class Collection:
                 missing[key] = "CAST(NULL AS DOUBLE)" if is_num else "CAST(NULL AS STRING)"
         if missing:
             self._table.add_columns(missing)
+            self._checked_at = -1.0  # cached version is stale
             log.info("collection %s: new metadata columns %s", self.name, sorted(missing))
 
     def coerce_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -310,6 +397,10 @@ class Collection:
             raise BadVectorError(f"expected {len(records)} vectors of dimension {self.dim}, got {vectors.shape}")
         if not np.isfinite(vectors).all():
             raise BadVectorError("refusing to store vectors with NaN or infinite values")
+        with self.write_lock():  # row numbers must not be handed out twice
+            return self._add_locked(records, vectors)
+
+    def _add_locked(self, records: list[dict[str, Any]], vectors: np.ndarray) -> int:
         start = self._next_row()
         rows = []
         for i, rec in enumerate(records):
@@ -322,6 +413,7 @@ class Collection:
         columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
         columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
         self._table.add(pa.table({f.name: columns[f.name] for f in schema}, schema=schema))
+        self._checked_at = -1.0  # cached version is stale
         return self.version
 
     def _next_row(self) -> int:
@@ -335,6 +427,7 @@ class Collection:
         from datetime import timedelta
 
         self._table.optimize(cleanup_older_than=timedelta(days=7))
+        self._checked_at = -1.0  # cached version is stale
 
     def record(self, run_id: str, entries: Sequence[LedgerEntry]) -> None:
         """Append ingest outcomes to the ledger."""
@@ -365,29 +458,120 @@ class Collection:
     def index_dir(self) -> Path:
         return self.root / "faiss"
 
-    def build_index(self) -> faiss_index.IndexStamp:
-        """Rebuild the FAISS index from the current table version."""
+    def build_index(self, *, rebuild: bool = False, config: Any = None,
+                    progress: bool = False) -> faiss_index.IndexStamp:
+        """Bring the FAISS index to the current table version and return its stamp.
+
+        With a usable index of this encoder, new rows are added and deleted rows removed
+        (no retraining); with ``rebuild``, a ``config``
+        (:class:`~caselens.indexes.index_choice.ChoiceConfig`) or no usable index, the index
+        type is chosen by measuring recall (see :mod:`caselens.indexes.index_choice`) and built
+        from all vectors. ``progress`` shows a progress bar for full builds."""
+        from caselens.indexes import maintenance
+
         with self.write_lock():
-            version = self.version
-            row_ids, vecs = self.vectors()
-            index, factory = faiss_index.build_index(vecs, row_ids)
-            return faiss_index.write_index(index, self.index_dir, table_version=version,
-                                           encoder_fingerprint=self.encoder["fingerprint"], factory=factory)
+            if self.index_dir.exists():  # left by a writer that was killed mid-write
+                faiss_index.remove_stale_temporaries(self.index_dir)
+            if not rebuild and config is None:
+                try:
+                    index, stamp = faiss_index.load_index(self.index_dir, self.encoder["fingerprint"], cached=False)
+                except IndexIntegrityError:
+                    pass
+                else:
+                    updated = maintenance.update_index(self, index, stamp)
+                    if updated is not None:
+                        return updated
+            return maintenance.full_build(self, config, progress=progress)
+
+    def update_index(self) -> faiss_index.IndexStamp:
+        """Incremental refresh: add new rows and remove deleted ones (full build when no index)."""
+        return self.build_index()
 
     def index(self) -> tuple[Any, faiss_index.IndexStamp]:
-        """The FAISS index for the current table version: loaded when fresh, rebuilt when stale
-        or damaged, refused (:class:`EncoderMismatchError`) when built by another encoder."""
+        """The FAISS index for the current table version: loaded when fresh (kept in memory
+        between calls of this process), brought up to date when stale (new rows added, deleted
+        rows removed), rebuilt when damaged, refused (:class:`EncoderMismatchError`) when built
+        by another encoder."""
         fingerprint = self.encoder["fingerprint"]
         stamp = faiss_index.read_stamp(self.index_dir)
         if stamp is not None and stamp.encoder_fingerprint != fingerprint:
             faiss_index.load_index(self.index_dir, fingerprint)  # raises EncoderMismatchError
         if stamp is not None and stamp.table_version == self.version:
             try:
-                return faiss_index.load_index(self.index_dir, fingerprint)
+                return faiss_index.load_index(self.index_dir, fingerprint, mmap=self._mmap(stamp), stamp=stamp)
             except IndexIntegrityError as exc:
                 log.warning("%s; rebuilding", exc)
+                with self.write_lock():
+                    from caselens.indexes import maintenance
+
+                    maintenance.full_build(self, None)
         elif stamp is not None:
-            log.info("FAISS index of %s is stale (table v%d, index v%d); rebuilding",
+            log.info("FAISS index of %s is stale (table v%d, index v%d); updating",
                      self.name, self.version, stamp.table_version)
-        self.build_index()
-        return faiss_index.load_index(self.index_dir, fingerprint)
+            self.build_index()
+        else:
+            self.build_index()
+        return faiss_index.load_index(self.index_dir, fingerprint, mmap=self._mmap(faiss_index.read_stamp(self.index_dir)))
+
+    def _mmap(self, stamp: faiss_index.IndexStamp | None) -> bool:
+        """Memory-map IVF indexes larger than ``CASELENS_MMAP_ABOVE`` bytes (default 4 GiB)."""
+        if stamp is None or not faiss_index.factory_lists(stamp.factory):
+            return False
+        limit = int(os.environ.get("CASELENS_MMAP_ABOVE", str(4 << 30)))
+        try:
+            return (self.index_dir / faiss_index.INDEX_FILE).stat().st_size > limit
+        except OSError:
+            return False
+
+    def row_ids(self) -> np.ndarray:
+        """Every ``_row`` number in the table (unsorted)."""
+        if self.count() == 0:
+            return np.zeros(0, np.int64)
+        return self._table.search().select(["_row"]).limit(self.count()).to_arrow().column("_row").to_numpy().astype(np.int64)
+
+    def vectors_for_rows(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row numbers, vectors) of the rows numbered ``row_ids`` (in table order)."""
+        row_ids = np.unique(np.asarray(row_ids, np.int64))
+        if not len(row_ids):
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        if row_ids[-1] - row_ids[0] + 1 == len(row_ids) and len(row_ids) > 50_000:  # appends: a range scan
+            return self.vectors(f"_row >= {int(row_ids[0])} AND _row <= {int(row_ids[-1])}")
+        table = self.take(row_ids, ["_row", "vector"])
+        if table.num_rows == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return (table.column("_row").to_numpy().astype(np.int64),
+                np.asarray(flat, np.float32).reshape(-1, self.dim))
+
+    def delete(self, ids: Sequence[str], run_id: str | None = None) -> int:
+        """Delete the items with these ``ids`` from the table, note each in the ledger as
+        ``deleted``, and remove them from the FAISS index (no rebuild); returns how many were
+        deleted. Searches made after this returns never see them."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return 0
+        with self.write_lock():
+            present = sorted(self.existing_ids(wanted))
+            for i in range(0, len(present), 1000):
+                quoted = ",".join("'" + x.replace("'", "''") + "'" for x in present[i:i + 1000])
+                self._table.delete(f"id IN ({quoted})")
+                self._checked_at = -1.0  # cached version is stale
+            self.record(run_id or f"delete-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}",
+                        [LedgerEntry(input=f"delete {x}", status="deleted", item_id=x, reason_code="deleted",
+                                     reason="deleted on request") for x in present])
+            if present and faiss_index.read_stamp(self.index_dir) is not None:
+                self.build_index()
+        return len(present)
+
+    def verify(self, repair: bool = False, sample: int | None = None) -> Any:
+        """Check ledger, table and FAISS index agree (see :func:`caselens.indexes.maintenance.verify`)."""
+        from caselens.indexes import maintenance
+
+        return maintenance.verify(self, repair=repair, sample=sample)
+
+    def optimize(self, config: Any = None, force: bool = False) -> Any:
+        """Compact the table and retrain the index when drift lowered recall below target
+        (see :func:`caselens.indexes.maintenance.optimize`)."""
+        from caselens.indexes import maintenance
+
+        return maintenance.optimize(self, config=config, force=force)

@@ -22,6 +22,8 @@ class Item:
     text: str | None = None  # payload of text items
     metadata: dict[str, Any] = field(default_factory=dict)  # de-identified; becomes table columns
     provenance: dict[str, Any] = field(default_factory=dict)  # file, hash, frame, window, reader...
+    volume: Any = None  # a caselens.ingest.volumes.Volume: slices embedded and pooled into one vector
+    members: list[str] = field(default_factory=list)  # inputs this item was built from (one ledger row each)
 
 
 @dataclass(frozen=True)

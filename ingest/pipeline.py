@@ -85,9 +85,32 @@ def _batches(items: Iterable[Item | Rejection], size: int) -> Iterable[list[Item
 
 
 def _encode(encoder: Encoder, items: list[Item]) -> np.ndarray:
-    if items[0].kind == "image":
+    if items[0].kind != "image":
+        return encoder.encode_texts([it.text or "" for it in items])
+    if not any(it.volume is not None for it in items):
         return encoder.encode_images([it.image for it in items])
-    return encoder.encode_texts([it.text or "" for it in items])
+    # volumes (series / study units): every slice embedded in one call, then pooled per item
+    from caselens.ingest.volumes import pool
+
+    images, spans = [], []
+    for it in items:
+        slices = it.volume.slices if it.volume is not None else [it.image]
+        spans.append((len(images), len(images) + len(slices)))
+        images.extend(slices)
+    flat = encoder.encode_images(images)
+    out = []
+    for it, (a, b) in zip(items, spans):
+        if it.volume is None:
+            out.append(flat[a])
+        else:
+            out.append(pool(flat[a:b], it.volume.groups or None, it.volume.pooling))
+    width = max(len(v) for v in out)
+    return np.stack([v if len(v) == width else np.full(width, np.nan, np.float32) for v in out])
+
+
+def _entries(it: Item, status: str, code: str = "", reason: str = "") -> list[LedgerEntry]:
+    """Ledger rows of one item: one per input it was built from (a series lists its files)."""
+    return [LedgerEntry(name, status, it.id, code, reason) for name in (it.members or [it.input])]
 
 
 def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
@@ -115,14 +138,14 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                     entries.append(LedgerEntry(it.input, "rejected", "", it.reason_code, it.reason))
                     report.rejected[it.reason_code] += 1
                 elif it.id in stored or it.id in seen:
-                    entries.append(LedgerEntry(it.input, "duplicate", it.id, "already_present",
-                                               "an item with this id is already stored; nothing added"))
+                    entries.extend(_entries(it, "duplicate", "already_present",
+                                            "an item with this id is already stored; nothing added"))
                     report.duplicates += 1
                 else:
                     try:
                         it.metadata = collection.coerce_metadata(it.metadata)
                     except MetadataTypeError as exc:
-                        entries.append(LedgerEntry(it.input, "rejected", it.id, "bad_metadata", str(exc)))
+                        entries.extend(_entries(it, "rejected", "bad_metadata", str(exc)))
                         report.rejected["bad_metadata"] += 1
                         continue
                     seen.add(it.id)
@@ -136,8 +159,8 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                 records, keep = [], []
                 for i, it in enumerate(fresh):
                     if not good[i]:
-                        entries.append(LedgerEntry(it.input, "rejected", it.id, "bad_vector",
-                                                   "encoder returned a non-finite vector"))
+                        entries.extend(_entries(it, "rejected", "bad_vector",
+                                                "encoder returned a non-finite vector or one of the wrong size"))
                         report.rejected["bad_vector"] += 1
                         seen.discard(it.id)
                         continue
@@ -151,11 +174,11 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                     records.append({"id": it.id, "kind": it.kind, "source": it.source, "text": it.text,
                                     "provenance": it.provenance, "metadata": it.metadata})
                     keep.append(i)
-                    entries.append(LedgerEntry(it.input, "accepted", it.id, note_code, note))
+                    entries.extend(_entries(it, "accepted", note_code, note))
                 collection.add(records, vectors[keep])
                 report.accepted += len(records)
             collection.record(report.run_id, entries)
-            bar.update(len(batch))
+            bar.update(sum(len(it.members) if isinstance(it, Item) and it.members else 1 for it in batch))
         if report.accepted:
             collection.compact()
     bar.close()

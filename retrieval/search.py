@@ -3,8 +3,9 @@
 Queries are encoded with the collection's own encoder (rebuilt from its stored record and checked
 against its fingerprint). Filters (``where``, an SQL predicate over the metadata columns) and
 exclusions (``exclude_same="patient_id"``: drop items of the query's own patient) select the
-candidate rows first; small candidate sets are ranked exactly, large ones through the FAISS
-index restricted to the candidates (an ID selector), so a filter never starves the top-k.
+candidate rows first; the FAISS index then ranks only the candidates (a bitmap ID selector, with
+``nprobe`` widened by the selectivity), and HNSW indexes rank small candidate sets exactly, so a
+filter never starves the top-k.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from PIL import Image
 
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection
+from caselens.indexes import faiss_index
 from caselens.indexes.faiss_index import search_index
 from caselens.ingest.items import Item, Rejection
 from caselens.ingest.sources.image_folder import ImageSource
 from caselens.retrieval.encoders import Encoder, load_from_record
 
-EXACT_BELOW = 50_000  # filtered candidate sets up to this size are ranked exactly
+EXACT_BELOW = 50_000  # with an HNSW index, filtered candidate sets up to this size are ranked exactly
 
 
 @dataclass
@@ -53,6 +55,7 @@ class SearchResult:
     hits: list[Hit]
     candidates: int  # rows the ranking ran over after filters and exclusions
     milliseconds: float
+    mode: str = "dense"  # "dense" (score: cosine), "bm25" (score: BM25) or "hybrid" (score: fused RRF)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -96,36 +99,43 @@ def _predicate(collection: Collection, where: str | None, exclude: dict[str, Any
     return " AND ".join(parts) or None
 
 
-def search_vector(collection: Collection, query: np.ndarray, k: int = 10, where: str | None = None,
-                  exclude: dict[str, Any] | None = None, exclude_ids: list[str] | None = None,
-                  query_desc: str = "vector", encoder_spec: str | None = None) -> SearchResult:
-    """Top-``k`` items for one unit ``query`` vector, after ``where`` and exclusions."""
-    start = time.perf_counter()
-    if k < 1:
-        raise QueryError(f"k must be at least 1, got {k}")
+def candidate_rows(collection: Collection, predicate: str) -> np.ndarray:
+    """``_row`` numbers of the rows matching ``predicate`` (:class:`QueryError` for a bad one)."""
+    try:
+        return collection.rows(predicate, ["_row"]).column("_row").to_numpy()
+    except Exception as exc:  # LanceDB raises several types for a bad predicate
+        raise QueryError(f"filter {predicate!r} could not be applied: {exc}") from None
+
+
+def dense_rows(collection: Collection, query: np.ndarray, k: int,
+               predicate: str | None = None) -> tuple[list[tuple[float, int]], int]:
+    """Top-``k`` (cosine, ``_row``) for one unit ``query`` vector among the rows matching
+    ``predicate``, and how many candidate rows were ranked."""
     query = np.asarray(query, np.float32).reshape(1, -1)
-    if query.shape[1] != collection.dim:
-        raise QueryError(f"query vector has dimension {query.shape[1]}, collection {collection.name!r} has {collection.dim}")
-    predicate = _predicate(collection, where, exclude, exclude_ids)
     if predicate is None:
-        index, _ = collection.index()
-        scores, rows = search_index(index, query, k)
-        candidates = index.ntotal
+        index, stamp = collection.index()
+        scores, rows = search_index(index, query, k, params=stamp.params, deleted=stamp.deleted)
+        candidates = stamp.live
     else:
-        try:
-            row_ids = collection.rows(predicate, ["_row"]).column("_row").to_numpy()
-        except Exception as exc:  # LanceDB raises several types for a bad predicate
-            raise QueryError(f"filter {predicate!r} could not be applied: {exc}") from None
+        row_ids = candidate_rows(collection, predicate)
         candidates = len(row_ids)
-        if candidates <= EXACT_BELOW:
-            row_ids, vectors = collection.vectors(predicate)
+        index, stamp = collection.index()
+        # FAISS restricted to the candidates (a bitmap ID selector) scores Flat and IVF indexes
+        # over the filtered set alone, nprobe widened by the selectivity up to every list; an
+        # HNSW graph cannot be walked through a sparse filter, so small sets are ranked exactly.
+        if candidates <= EXACT_BELOW and faiss_index.hnsw_of(index) is not None:
+            row_ids, vectors = collection.vectors_for_rows(row_ids)  # by row address, no second scan
             sims = vectors @ query[0]
             top = np.argsort(-sims, kind="stable")[:k]
             scores, rows = sims[top][None], row_ids[top][None]
         else:
-            index, _ = collection.index()
-            scores, rows = search_index(index, query, k, allowed_ids=row_ids)
-    found = [(float(s), int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+            scores, rows = search_index(index, query, k, allowed_ids=row_ids, params=stamp.params,
+                                        deleted=stamp.deleted)
+    return [(float(s), int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0], candidates
+
+
+def hits_for_rows(collection: Collection, found: list[tuple[float, int]]) -> list[Hit]:
+    """Hits for ranked (score, ``_row``) pairs, with their stored text, metadata and provenance."""
     meta = collection.rows_by_row_ids([r for _, r in found])
     hits = []
     for rank, (score, row) in enumerate(found, start=1):
@@ -137,6 +147,22 @@ def search_vector(collection: Collection, query: np.ndarray, k: int = 10, where:
         hits.append(Hit(rank=rank, score=score, id=rec["id"], kind=rec["kind"], label=rec.get("label"),
                         source=rec.get("source"), text=rec.get("text"), metadata=extra,
                         provenance=json.loads(rec.get("provenance") or "{}")))
+    return hits
+
+
+def search_vector(collection: Collection, query: np.ndarray, k: int = 10, where: str | None = None,
+                  exclude: dict[str, Any] | None = None, exclude_ids: list[str] | None = None,
+                  query_desc: str = "vector", encoder_spec: str | None = None) -> SearchResult:
+    """Top-``k`` items for one unit ``query`` vector, after ``where`` and exclusions."""
+    start = time.perf_counter()
+    if k < 1:
+        raise QueryError(f"k must be at least 1, got {k}")
+    query = np.asarray(query, np.float32).reshape(1, -1)
+    if query.shape[1] != collection.dim:
+        raise QueryError(f"query vector has dimension {query.shape[1]}, collection {collection.name!r} has {collection.dim}")
+    predicate = _predicate(collection, where, exclude, exclude_ids)
+    found, candidates = dense_rows(collection, query, k, predicate)
+    hits = hits_for_rows(collection, found)
     return SearchResult(collection=collection.name, query=query_desc,
                         encoder=encoder_spec or collection.encoder["spec"], hits=hits, candidates=candidates,
                         milliseconds=(time.perf_counter() - start) * 1000)
@@ -147,17 +173,36 @@ def read_query_image(path: Path, collection: Collection) -> Item:
     path = Path(path).expanduser()
     if not path.is_file():
         raise QueryError(f"query image {path} does not exist")
-    result = ImageSource(root=path.parent, secret=collection.secret()).read(path.resolve(), {})
+    from caselens.ingest.sources.dicom import DicomOptions
+
+    options = DicomOptions(window=collection.encoder.get("window", "auto"))  # as the collection's items were read
+    result = ImageSource(root=path.parent, secret=collection.secret(), dicom_options=options).read(path.resolve(), {})
     if isinstance(result, Rejection):
         raise QueryError(f"query image {path} cannot be read: {result.reason} ({result.reason_code})")
     return result
 
 
+MODES = ("dense", "bm25", "hybrid")  # text search: vectors, keywords (BM25), or both fused (RRF)
+
+
 def search(collection: Collection, *, image: Path | None = None, text: str | None = None, k: int = 10,
-           where: str | None = None, exclude_same: str | None = None) -> SearchResult:
-    """Search ``collection`` with an image file or a text query (exactly one)."""
+           where: str | None = None, exclude_same: str | None = None, mode: str = "dense") -> SearchResult:
+    """Search ``collection`` with an image file or a text query (exactly one). Text queries can
+    rank by ``mode``: "dense" (the encoder), "bm25" (keywords) or "hybrid" (both, fused)."""
     if (image is None) == (text is None):
         raise QueryError("give exactly one query: an image path or a text")
+    if mode not in MODES:
+        raise QueryError(f"search mode {mode!r} is not known; use one of {', '.join(MODES)}")
+    if mode != "dense" and image is not None:
+        raise QueryError(f"--mode {mode} ranks texts by their words; an image query needs --mode dense")
+    if mode != "dense":
+        if not text or not text.strip():
+            raise QueryError("text query is empty")
+        if exclude_same:
+            raise QueryError("--exclude-same needs an image query whose metadata names the value to exclude")
+        from caselens.retrieval.fusion import keyword_search
+
+        return keyword_search(collection, text, k=k, where=where, mode=mode)
     encoder = collection_encoder(collection)
     exclude: dict[str, Any] = {}
     if image is not None:
@@ -179,4 +224,8 @@ def search(collection: Collection, *, image: Path | None = None, text: str | Non
             raise QueryError("--exclude-same needs an image query whose metadata names the value to exclude")
         vector = encoder.encode_queries([text])
         desc = f"text {text!r}"
+    if collection.encoder.get("pooling"):  # series pooled by max/mean concatenation: shape the query alike
+        from caselens.ingest.volumes import query_vectors
+
+        vector = query_vectors(vector, collection.encoder["pooling"])
     return search_vector(collection, vector[0], k, where, exclude, query_desc=desc, encoder_spec=encoder.info.spec)

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from caselens.errors import SourceError
 from caselens.ingest.deid import pseudonym
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
-from caselens.ingest.sources.dicom import DicomReadError, is_dicom, read_dicom
+from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, is_dicom, read_dicom
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
 SKIP_NAMES = {"manifest.csv", ".ds_store", "thumbs.db", "dicomdir"}
@@ -45,7 +45,9 @@ class ImageSource:
     kind = "image"
 
     def __init__(self, root: Path | None = None, manifest: Path | None = None, secret: bytes = b"",
-                 label_from_folder: bool = False, files: list[Path] | None = None):
+                 label_from_folder: bool = False, files: list[Path] | None = None,
+                 dicom_options: DicomOptions | None = None):
+        self.dicom_options = dicom_options  # how DICOM files are read (window, burned-in policy...)
         if root is None and manifest is None and files is None:
             raise SourceError("give an image folder, a manifest or a list of files")
         if root is not None:
@@ -133,6 +135,8 @@ class ImageSource:
     def read(self, path: Path, meta: dict[str, Any]) -> Item | Rejection:
         """Read one file into an item, or say why not."""
         rel = self._rel(path)
+        if path.is_symlink():
+            return Rejection(rel, "symlink", "symbolic link; not followed (copy the file into the folder instead)")
         meta = dict(meta)
         if meta.get("patient_id"):
             meta["patient_id"] = pseudonym(str(meta["patient_id"]), self.secret, "patient")
@@ -145,7 +149,7 @@ class ImageSource:
         prov: dict[str, Any] = {"file": rel, "sha256": digest}
         if is_dicom(path) or path.suffix.lower() in (".dcm", ".dicom"):
             try:
-                image, dmeta, dprov = read_dicom(path, self.secret)
+                image, dmeta, dprov = read_dicom(path, self.secret, self.dicom_options)
             except DicomReadError as exc:
                 return Rejection(rel, exc.code, str(exc))
             for key, value in dmeta.items():

@@ -1,7 +1,9 @@
 """Text corpora: JSONL (one object a line) or CSV, each row with ``id`` and ``text``.
 
 Every other field becomes metadata (nested values are stored as JSON strings). Rows without an
-id or text, and lines that are not JSON, are rejected with the file and line number.
+id or text, and lines that are not JSON, are rejected with the file and line number. With a
+chunker, a row longer than the chunk size becomes chunk items ``<id>#c<n>`` whose ``parent_id``
+names the row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from caselens.errors import SourceError
+from caselens.ingest.chunking import Chunker, chunk_item
 from caselens.ingest.items import Item, Rejection
 
 
@@ -20,13 +23,15 @@ class TextCorpusSource:
 
     kind = "text"
 
-    def __init__(self, path: Path, id_field: str = "id", text_field: str = "text", limit: int | None = None):
+    def __init__(self, path: Path, id_field: str = "id", text_field: str = "text", limit: int | None = None,
+                 chunker: Chunker | None = None):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise SourceError(f"text corpus {path} does not exist")
         if self.path.suffix.lower() not in (".jsonl", ".csv", ".ndjson"):
             raise SourceError(f"text corpus {path}: use a .jsonl or .csv file with '{id_field}' and '{text_field}'")
         self.id_field, self.text_field, self.limit = id_field, text_field, limit
+        self.chunker = chunker  # rows longer than its size become chunk items "<id>#c<n>"
 
     def estimate(self) -> int | None:
         with self.path.open("rb") as fh:
@@ -70,7 +75,8 @@ class TextCorpusSource:
                 continue
             meta = {k: (v if isinstance(v, (str, int, float)) and not isinstance(v, bool) else json.dumps(v))
                     for k, v in row.items() if k not in (self.id_field, self.text_field) and v not in (None, "")}
-            yield Item(id=item_id, kind="text", input=ref, source=self.path.name, text=text.strip(),
-                       metadata=meta, provenance={"file": self.path.name, "line": line})
+            yield from chunk_item(Item(id=item_id, kind="text", input=ref, source=self.path.name, text=text.strip(),
+                                       metadata=meta, provenance={"file": self.path.name, "line": line}),
+                                  self.chunker)
         if count == 0:
             yield Rejection(self.path.name, "empty_source", "corpus holds no rows")

@@ -1,0 +1,224 @@
+"""BM25 (bm25s) keyword index derived from a collection's text column, beside the FAISS index.
+
+Like the FAISS index it is a cache: built from one table version, stamped with that version, the
+tokenizer settings and a checksum of every file, written to a temporary folder and swapped into
+place, rebuilt when stale or damaged. Documents are keyed by the table's ``_row`` numbers, so
+BM25 and dense rankings name the same items and can be fused.
+
+Layout: ``<collection>/bm25/`` holds bm25s' own files (sparse score matrix as ``.npy``, vocabulary
+and parameters as JSON; read without pickle), ``rows.npy`` (the ``_row`` of each document) and
+``stamp.json`` written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from caselens.errors import IndexIntegrityError
+
+log = logging.getLogger(__name__)
+
+FOLDER = "bm25"
+STAMP_FILE = "stamp.json"
+ROWS_FILE = "rows.npy"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Bm25Settings:
+    """How texts are turned into BM25 terms; part of the stamp (a change rebuilds the index)."""
+
+    stopwords: str = "en"  # bm25s stop-word list ("en") or "" for none
+    stemmer: str = "english"  # Snowball stemmer language (PyStemmer) or "" for none
+    k1: float = 1.5  # term-frequency saturation
+    b: float = 0.75  # length normalisation
+
+
+@dataclass(frozen=True)
+class Bm25Stamp:
+    """What a BM25 index was built from; ``stamp.json`` beside its files."""
+
+    table_version: int  # items table version the texts were read from
+    n_docs: int  # documents (rows with text) indexed
+    settings: dict[str, Any]  # Bm25Settings as a dict
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    format: int = FORMAT  # layout version of this folder
+    seconds: float = 0.0  # build time
+
+
+def _bm25s() -> Any:
+    """The bm25s module, with its logger (which it sets to DEBUG) brought back to warnings."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
+def _stemmer(settings: Bm25Settings) -> Any:
+    if not settings.stemmer:
+        return None
+    import Stemmer  # PyStemmer
+
+    return Stemmer.Stemmer(settings.stemmer)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Bm25Index:
+    """A loaded BM25 index: rank rows by keyword relevance, optionally within allowed rows."""
+
+    def __init__(self, model: Any, rows: np.ndarray, stamp: Bm25Stamp):
+        self.model = model
+        self.rows = rows  # _row of document i
+        self.stamp = stamp
+        self.settings = Bm25Settings(**stamp.settings)
+        self._stem = _stemmer(self.settings)
+        self._position: dict[int, int] | None = None
+
+    def _query_ids(self, text: str) -> list[int]:
+        tokens = _bm25s().tokenize([text], stopwords=self.settings.stopwords or None, stemmer=self._stem,
+                                return_ids=False, show_progress=False)
+        return self.model.get_tokens_ids(list(tokens[0]))
+
+    def search(self, text: str, k: int, allowed_rows: np.ndarray | None = None) -> list[tuple[float, int]]:
+        """Top ``k`` (score, row) for ``text``; rows outside ``allowed_rows`` never rank. Rows with no
+        query term (score 0) are left out, so fewer than ``k`` may come back."""
+        if not len(self.rows) or k < 1:
+            return []
+        ids = self._query_ids(text)
+        if not ids:
+            return []
+        scores = np.asarray(self.model.get_scores_from_ids(ids), np.float32)
+        if allowed_rows is not None:
+            mask = np.isin(self.rows, np.asarray(allowed_rows, np.int64))
+            scores = np.where(mask, scores, 0.0)
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(float(scores[i]), int(self.rows[i])) for i in top if scores[i] > 0]
+
+
+def build(rows: np.ndarray, texts: Sequence[str], folder: Path, table_version: int,
+          settings: Bm25Settings | None = None) -> Bm25Stamp:
+    """Index ``texts`` (keyed by ``rows``) into ``folder``, replacing what is there atomically."""
+    bm25s = _bm25s()
+    settings = settings or Bm25Settings()
+    start = time.perf_counter()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        model = bm25s.BM25(k1=settings.k1, b=settings.b)
+        if len(texts):
+            tokens = bm25s.tokenize(list(texts), stopwords=settings.stopwords or None, stemmer=_stemmer(settings),
+                                    show_progress=False)
+            model.index(tokens, show_progress=False)
+            model.save(str(tmp), allow_pickle=False)
+        np.save(tmp / ROWS_FILE, np.asarray(rows, np.int64), allow_pickle=False)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        stamp = Bm25Stamp(table_version=int(table_version), n_docs=len(texts), settings=asdict(settings),
+                          files=files, seconds=round(time.perf_counter() - start, 3))
+        (tmp / STAMP_FILE).write_text(json.dumps(asdict(stamp), indent=2, sort_keys=True))
+        for p in tmp.iterdir():
+            with p.open("rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote BM25 index (%d documents, table v%d) to %s", stamp.n_docs, stamp.table_version, folder)
+    return stamp
+
+
+def read_stamp(folder: Path) -> Bm25Stamp | None:
+    """The stamp in ``folder``, or None when missing or unreadable."""
+    try:
+        return Bm25Stamp(**json.loads((folder / STAMP_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load(folder: Path) -> Bm25Index:
+    """Load the index in ``folder`` after checking every file against its stamp."""
+    bm25s = _bm25s()
+    stamp = read_stamp(folder)
+    if stamp is None or stamp.format != FORMAT:
+        raise IndexIntegrityError(f"no readable BM25 index stamp in {folder}")
+    for name, digest in stamp.files.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise IndexIntegrityError(f"BM25 index file {path} is missing or does not match its stamp")
+    rows = np.load(folder / ROWS_FILE, allow_pickle=False)
+    if stamp.n_docs:
+        model = bm25s.BM25.load(str(folder), mmap=False, load_corpus=False, allow_pickle=False)
+    else:
+        model = None
+    if len(rows) != stamp.n_docs:
+        raise IndexIntegrityError(f"BM25 index in {folder} lists {len(rows)} rows, stamp says {stamp.n_docs}")
+    return Bm25Index(model, rows, stamp)
+
+
+_LOADED: dict[tuple[str, str], Bm25Index] = {}
+
+
+def bm25_index(collection: Any, settings: Bm25Settings | None = None) -> Bm25Index:
+    """The BM25 index of ``collection`` (a :class:`~caselens.indexes.collection.Collection`) for its
+    current table version: loaded when fresh, rebuilt when stale, damaged or built otherwise."""
+    settings = settings or Bm25Settings()
+    folder = collection.root / FOLDER
+
+    def fresh() -> Bm25Index | None:
+        stamp = read_stamp(folder)
+        if stamp is None or stamp.table_version != collection.version or stamp.settings != asdict(settings):
+            if stamp is not None:
+                log.info("BM25 index of %s is stale (table v%d, index v%d); rebuilding",
+                         collection.name, collection.version, stamp.table_version)
+            return None
+        key = (str(folder.resolve()), json.dumps(asdict(stamp), sort_keys=True))
+        if key in _LOADED:  # verified when loaded; the stamp (with checksums) has not changed since
+            return _LOADED[key]
+        try:
+            index = load(folder)
+        except IndexIntegrityError as exc:
+            log.warning("%s; rebuilding", exc)
+            return None
+        _LOADED.clear()  # keep one loaded index per process
+        _LOADED[key] = index
+        return index
+
+    index = fresh()
+    if index is not None:
+        return index
+    with collection.write_lock():
+        index = fresh()
+        if index is not None:
+            return index
+        version = collection.version
+        table = collection.rows("text IS NOT NULL", ["_row", "text"])
+        build(table.column("_row").to_numpy(), table.column("text").to_pylist(), folder, version, settings)
+    index = fresh()
+    if index is None:
+        raise IndexIntegrityError(f"BM25 index in {folder} could not be read right after it was built")
+    return index

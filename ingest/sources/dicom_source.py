@@ -1,0 +1,331 @@
+"""A PACS export (folder or DICOMDIR of DICOM files, NIfTI volumes) as a source of items.
+
+Units of retrieval (:attr:`DicomSourceConfig.unit`):
+
+* ``instance`` — one item per DICOM file (its middle frame); id = content hash of the file.
+* ``series`` — one item per series: slices sampled evenly along the ordered series (or along the
+  frames of a multi-frame file), embedded and pooled; id = hash of the member files' hashes and
+  the slice/pooling choice. Every file of the series gets its ledger row under that id.
+* ``study`` — one item per study: the sampled slices of each of its series, pooled per series,
+  then averaged.
+
+NIfTI files (``.nii``, ``.nii.gz``) are volumes in every unit: sampled and pooled the same way.
+
+Decoding runs in ``workers`` processes while the caller (the ingest pipeline) encodes, with a
+bounded number of files in flight; results come back in input order, so a re-run after a kill
+meets the same items in the same order and skips the ones already stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections import OrderedDict
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from caselens.errors import SourceError
+from caselens.ingest.dicom_scan import (InstanceHeader, header_of, is_nifti, order_slices, walk_inputs)
+from caselens.ingest.items import Item, Rejection, content_id, sha256_file
+from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, decode_frames, is_dicom
+from caselens.ingest.volumes import POOLINGS, UNITS, NiftiReadError, Volume, read_nifti, sample_indices
+
+
+@dataclass(frozen=True)
+class DicomSourceConfig:
+    """How a DICOM export becomes items."""
+
+    unit: str = "instance"  # "instance", "series" or "study"
+    slices: int = 8  # slices sampled per series / NIfTI volume (series and study units)
+    pooling: str = "mean"  # "mean" or "maxmean" (concatenated max and mean: twice the dimension)
+    workers: int = 0  # decoding processes running beside the encoder (0: decode in this process)
+    worker_memory_bytes: int = 6 << 30  # address space each worker may add while decoding (0: unbounded)
+    options: DicomOptions = field(default_factory=DicomOptions)  # windowing, budgets, burned-in policy
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"unit {self.unit!r} is not known; choose one of {', '.join(UNITS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
+        if self.slices < 1:
+            raise ValueError(f"slices must be at least 1, not {self.slices}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 or more, not {self.workers}")
+
+
+# ------------------------------------------------------------------ worker tasks (top level: picklable)
+def _instance_task(path: str, rel: str, secret: bytes, options: DicomOptions) -> Item | Rejection:
+    """One file -> one instance item (or a rejection)."""
+    p = Path(path)
+    try:
+        if p.stat().st_size == 0:
+            return Rejection(rel, "empty_file", "file is empty")
+    except OSError as exc:
+        return Rejection(rel, "unreadable", f"cannot read file: {exc.strerror or exc}")
+    try:
+        images, meta, prov = decode_frames(p, secret, options, "middle")
+    except DicomReadError as exc:
+        if exc.code == "corrupt_dicom" and not is_dicom(p):  # no preamble and no recognisable header
+            return Rejection(rel, "not_dicom", "not a DICOM file (no DICM preamble, no recognisable header)")
+        return Rejection(rel, exc.code, str(exc))
+    prov = {"file": rel, "unit": "instance", **prov}  # prov["sha256"]: hash of the bytes decoded
+    return Item(id=content_id(prov["sha256"]), kind="image", input=rel, source=rel, image=images[0],
+                metadata=meta, provenance=prov)
+
+
+def _slices_task(path: str, rel: str, secret: bytes, options: DicomOptions,
+                 frames: Any) -> tuple[list, dict, dict] | Rejection:
+    """Frames of one file of a series -> (images, metadata, provenance) or a rejection."""
+    try:
+        return decode_frames(Path(path), secret, options, frames)
+    except DicomReadError as exc:
+        return Rejection(rel, exc.code, str(exc))
+
+
+def _nifti_task(path: str, rel: str, n_slices: int, options: DicomOptions) -> tuple[list, dict] | Rejection:
+    try:
+        return read_nifti(Path(path), n_slices, options.window, options.percentile, options.max_decoded_bytes)
+    except NiftiReadError as exc:
+        return Rejection(rel, exc.code, str(exc))
+    except Exception as exc:  # never a crash on odd input
+        return Rejection(rel, "corrupt_nifti", f"NIfTI file could not be read ({type(exc).__name__})")
+
+
+def _worker_init(memory_bytes: int = 0) -> None:
+    """Decoding process setup: Ctrl-C is the parent's to handle; the address space may grow by
+    at most ``memory_bytes`` beyond what the process holds now (0: no bound), so a decoder that
+    runs away fails with MemoryError (a ``too_large`` rejection) instead of exhausting the host."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if memory_bytes > 0:
+        try:
+            with open("/proc/self/statm") as fh:
+                baseline = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (baseline + memory_bytes, resource.RLIM_INFINITY))
+        except (OSError, ValueError):  # not Linux, or not allowed: the header budget still holds
+            pass
+
+
+def _task_failed(task: tuple, exc: BaseException) -> Rejection:
+    """A task whose worker died (a decoder crash) or raised: a rejection of its file, not a crash."""
+    rel = task[1] if len(task) > 1 else "?"
+    return Rejection(str(rel), "decoder_crashed", f"the decoding process failed on this file ({type(exc).__name__})")
+
+
+def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, window: int = 64,
+                memory_bytes: int = 0) -> Iterator[Any]:
+    """``fn(*task)`` for each task, in order; with ``workers`` > 0 they run in that many processes,
+    at most ``window`` tasks ahead of the consumer (the encoder keeps running meanwhile). A task
+    whose worker dies gives a ``decoder_crashed`` rejection and the pool is restarted."""
+    if workers <= 0:
+        for task in tasks:
+            yield fn(*task)
+        return
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["caselens.ingest.sources.dicom_source"])
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(memory_bytes,))
+
+    pending: OrderedDict[int, tuple[tuple, Future]] = OrderedDict()
+    restarts, max_restarts = 0, 20
+    pool = new_pool()
+    try:
+        it = iter(tasks)
+        n = 0
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < max(window, 2 * workers):
+                try:
+                    task = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending[n] = (task, pool.submit(fn, *task))
+                n += 1
+            if not pending:
+                return
+            _, (task, future) = pending.popitem(last=False)
+            try:
+                yield future.result()
+            except BrokenProcessPool as exc:
+                restarts += 1
+                if restarts > max_restarts:
+                    raise SourceError(f"decoding processes keep dying ({restarts} times); run again with "
+                                      "--workers 0 to decode in the main process") from None
+                yield _task_failed(task, exc)
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = new_pool()  # the others in flight were innocent: run them again
+                for key, (other, _) in list(pending.items()):
+                    pending[key] = (other, pool.submit(fn, *other))
+            except Exception as exc:  # noqa: BLE001 - a task error is a rejection of that file
+                yield _task_failed(task, exc)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DicomSource:
+    """Items from a DICOM export (see the module docstring)."""
+
+    kind = "image"
+
+    def __init__(self, root: Path, secret: bytes = b"", config: DicomSourceConfig | None = None,
+                 files: list[Path] | None = None):
+        self.root = Path(root).expanduser()
+        self.secret = secret
+        self.config = config or DicomSourceConfig()
+        self.files = files
+        self._inputs: list[tuple[Path, str] | Rejection] | None = None
+
+    @property
+    def base(self) -> Path:
+        """The folder relative to which inputs are named."""
+        root = self.root.resolve()
+        return root.parent if root.is_file() else root
+
+    def inputs(self) -> list[tuple[Path, str] | Rejection]:
+        """The walked inputs (cached): (path, relative name) or rejections (symlinks, outside root...)."""
+        if self._inputs is None:
+            self._inputs = list(walk_inputs(self.root, self.files))
+        return self._inputs
+
+    def estimate(self) -> int | None:
+        return len(self.inputs())
+
+    def __iter__(self) -> Iterator[Item | Rejection]:
+        inputs = self.inputs()
+        if not inputs:
+            yield Rejection(str(self.root), "empty_source", "folder holds no files; nothing to ingest")
+            return
+        for entry in inputs:
+            if isinstance(entry, Rejection):
+                yield entry
+        files = [e for e in inputs if not isinstance(e, Rejection)]
+        window = 64 + 4 * self.config.workers
+        if self.config.unit == "instance":
+            volumes = [(p, r) for p, r in files if is_nifti(p)]
+            tasks = ((str(p), r, self.secret, self.config.options) for p, r in files if not is_nifti(p))
+            yield from ordered_map(_instance_task, tasks, self.config.workers, window, self.config.worker_memory_bytes)
+            yield from self._nifti_items(volumes, 1)
+            return
+        yield from self._volume_items(files, window)
+
+    # ------------------------------------------------------------ volumes
+    def _nifti_items(self, volumes: list[tuple[Path, str]], n_slices: int) -> Iterator[Item | Rejection]:
+        tasks = ((str(p), r, n_slices, self.config.options) for p, r in volumes)
+        results = ordered_map(_nifti_task, tasks, self.config.workers, 8, self.config.worker_memory_bytes)
+        for (path, rel), result in zip(volumes, results):
+            if isinstance(result, Rejection):
+                yield result
+                continue
+            images, prov = result
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                yield Rejection(rel, "unreadable", f"cannot read file: {exc.strerror or exc}")
+                continue
+            unit = "instance" if n_slices == 1 else "volume"
+            yield Item(id=self._unit_id([digest], unit), kind="image", input=rel, source=rel, image=images[0],
+                       volume=Volume(images, [], self.config.pooling) if n_slices > 1 else None,
+                       metadata={"modality": None},
+                       provenance={"file": rel, "sha256": digest, "unit": unit, "pooling": self.config.pooling
+                                   if n_slices > 1 else None, **prov})
+
+    def _unit_id(self, digests: list[str], unit: str) -> str:
+        h = hashlib.sha256()
+        h.update(f"{unit}|{self.config.slices}|{self.config.pooling}|{self.config.options.window}".encode())
+        for d in sorted(digests):
+            h.update(d.encode())
+        return content_id(h.hexdigest())
+
+    def _volume_items(self, files: list[tuple[Path, str]], window: int) -> Iterator[Item | Rejection]:
+        cfg = self.config
+        headers: list[InstanceHeader] = []
+        nifti: list[tuple[Path, str]] = []
+        for path, rel in files:
+            if is_nifti(path):
+                nifti.append((path, rel))
+                continue
+            found = header_of(path, rel, self.secret, cfg.options)
+            if isinstance(found, Rejection):
+                yield found
+            else:
+                headers.append(found)
+        # group: series -> ordered instances; study -> its series
+        series: OrderedDict[tuple[str, str, str], list[InstanceHeader]] = OrderedDict()
+        for h in headers:
+            series.setdefault((h.patient, h.study, h.series), []).append(h)
+        units: OrderedDict[tuple, list[list[InstanceHeader]]] = OrderedDict()
+        for key, members in series.items():
+            unit_key = key if cfg.unit == "series" else key[:2]
+            units.setdefault(unit_key, []).append(order_slices(members))
+        # plan: which file and which frames each slice comes from
+        plans: list[tuple[tuple, list[list[InstanceHeader]], list[tuple[InstanceHeader, Any, int]]]] = []
+        for key, groups in units.items():
+            picks: list[tuple[InstanceHeader, Any, int]] = []
+            for g, members in enumerate(groups):
+                if len(members) == 1 and members[0].frames > 1:
+                    picks.append((members[0], sample_indices(members[0].frames, cfg.slices), g))
+                else:
+                    picks.extend((members[i], "middle", g) for i in sample_indices(len(members), cfg.slices))
+            plans.append((key, groups, picks))
+        tasks = ((str(h.path), h.rel, self.secret, cfg.options, frames)
+                 for _, _, picks in plans for h, frames, _ in picks)
+        results = ordered_map(_slices_task, tasks, cfg.workers, window, cfg.worker_memory_bytes)
+        for key, groups, picks in plans:
+            decoded = [(pick, next(results)) for pick in picks]
+            yield from self._assemble(key, groups, decoded)
+        yield from self._nifti_items(nifti, cfg.slices)
+
+    def _assemble(self, key: tuple, groups: list[list[InstanceHeader]],
+                  decoded: list[tuple[tuple[InstanceHeader, Any, int], Any]]) -> Iterator[Item | Rejection]:
+        cfg = self.config
+        failed = {pick[0].rel: res for pick, res in decoded if isinstance(res, Rejection)}
+        yield from failed.values()
+        good = [(pick, res) for pick, res in decoded if not isinstance(res, Rejection)]
+        members = [h for g in groups for h in g if h.rel not in failed]
+        if not good:
+            for h in members:  # nothing decodable was sampled: the whole unit is rejected
+                yield Rejection(h.rel, "no_decodable_slices", f"no sampled slice of this {cfg.unit} could be decoded")
+            return
+        digests = []
+        for h in members:
+            try:
+                digests.append(sha256_file(h.path))
+            except OSError:
+                digests.append(h.rel)
+        slices, slice_groups, chosen = [], [], []
+        metadata: dict[str, Any] = {}
+        prov_first: dict[str, Any] = {}
+        for (h, frames, g), (images, meta, prov) in good:
+            slices.extend(images)
+            slice_groups.extend([g] * len(images))
+            chosen.append({"file": h.rel, "series": g, **({"frames": prov.get("frame")} if prov.get("frame") is not None else {})})
+            if not metadata:
+                metadata, prov_first = dict(meta), prov
+        metadata.pop("instance_uid", None)  # a series/study item is not one instance
+        if cfg.unit == "study":
+            for k in ("series_uid", "series_number", "view_position"):
+                metadata.pop(k, None)
+            modalities = sorted({g[0].modality for g in groups if g and g[0].modality})
+            metadata["modality"] = "/".join(modalities) or None
+        first = members[0].rel
+        name = f"{cfg.unit} of {len(members)} file(s) from {os.path.dirname(first) or '.'}"
+        provenance = {"unit": cfg.unit, "pooling": cfg.pooling, "slices_requested": cfg.slices,
+                      "series": len(groups), "instances": len(members), "slices_used": len(slices),
+                      "slice_choice": "evenly spaced along the slice-ordered series (position along the normal, "
+                                      "else InstanceNumber); frames of a multi-frame file sampled the same way",
+                      "chosen": chosen, "deid": prov_first.get("deid"), "window": prov_first.get("window"),
+                      "reader": "pydicom"}
+        yield Item(id=self._unit_id(digests, cfg.unit), kind="image", input=first, source=name,
+                   image=slices[len(slices) // 2],
+                   volume=Volume(slices, slice_groups if cfg.unit == "study" else [], cfg.pooling),
+                   metadata=metadata, provenance=provenance, members=[h.rel for h in members])

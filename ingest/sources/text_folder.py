@@ -1,0 +1,62 @@
+"""Folders of plain-text and Markdown files (``.txt``, ``.md``, ``.markdown``) as text items.
+
+Each file is one document with a content-hash id (so a re-ingest adds nothing, whatever the file
+is called), its title (the first Markdown heading, else the file name) as ``document``, and its
+path relative to the folder as ``source``. With a chunker, a file longer than the chunk size
+becomes chunk items ``<id>#c<n>`` whose ``parent_id`` names the file's id. Files that are not
+UTF-8 text, are empty, or have another suffix are rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+from caselens.errors import SourceError
+from caselens.ingest.chunking import Chunker, chunk_item
+from caselens.ingest.items import Item, Rejection, content_id, sha256_file
+
+SUFFIXES = (".txt", ".md", ".markdown")
+
+
+class TextFolderSource:
+    """Every non-hidden file under ``root``: text and Markdown files become (chunked) text items."""
+
+    kind = "text"
+
+    def __init__(self, root: Path, chunker: Chunker | None = None):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise SourceError(f"text folder {root} does not exist or is not a folder")
+        self.chunker = chunker
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.root.rglob("*") if p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+
+    def estimate(self) -> int | None:
+        return len(self.files())
+
+    def __iter__(self) -> Iterator[Item | Rejection]:
+        files = self.files()
+        if not files:
+            yield Rejection(str(self.root), "empty_source", "the folder holds no files")
+        for path in files:
+            rel = str(path.relative_to(self.root))
+            if path.suffix.lower() not in SUFFIXES:
+                yield Rejection(rel, "not_text", f"only {', '.join(SUFFIXES)} files are read from a text folder")
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                yield Rejection(rel, "not_utf8", "the file is not UTF-8 text; convert it (e.g. iconv) and retry")
+                continue
+            if not text.strip():
+                yield Rejection(rel, "empty_text", "the file holds no text")
+                continue
+            heading = re.search(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
+            item = Item(id=content_id(sha256_file(path)), kind="text", input=rel, source=rel, text=text.strip(),
+                        metadata={"document": heading.group(1) if heading else path.stem},
+                        provenance={"file": rel, "sha256": sha256_file(path)})
+            yield from chunk_item(item, self.chunker)
