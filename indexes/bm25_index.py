@@ -12,7 +12,6 @@ and parameters as JSON; read without pickle), ``rows.npy`` (the ``_row`` of each
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from caselens.errors import IndexIntegrityError
+from caselens.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ def _stemmer(settings: Bm25Settings) -> Any:
     import Stemmer  # PyStemmer
 
     return Stemmer.Stemmer(settings.stemmer)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Bm25Index:
@@ -131,7 +123,7 @@ def build(rows: np.ndarray, texts: Sequence[str], folder: Path, table_version: i
             model.index(tokens, show_progress=False)
             model.save(str(tmp), allow_pickle=False)
         np.save(tmp / ROWS_FILE, np.asarray(rows, np.int64), allow_pickle=False)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         stamp = Bm25Stamp(table_version=int(table_version), n_docs=len(texts), settings=asdict(settings),
                           files=files, seconds=round(time.perf_counter() - start, 3))
         (tmp / STAMP_FILE).write_text(json.dumps(asdict(stamp), indent=2, sort_keys=True))
@@ -168,7 +160,7 @@ def load(folder: Path) -> Bm25Index:
         raise IndexIntegrityError(f"no readable BM25 index stamp in {folder}")
     for name, digest in stamp.files.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise IndexIntegrityError(f"BM25 index file {path} is missing or does not match its stamp")
     rows = np.load(folder / ROWS_FILE, allow_pickle=False)
     if stamp.n_docs:

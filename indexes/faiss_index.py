@@ -22,8 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,7 @@ import faiss
 import numpy as np
 
 from caselens.errors import EncoderMismatchError, IndexIntegrityError
+from caselens.files import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -243,32 +242,6 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- write
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes | np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(memoryview(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete temporary files left in ``folder`` by a writer that was killed; call it only while
     holding the collection's write lock. Returns how many were removed."""
@@ -290,7 +263,7 @@ def write_index(index: faiss.Index, folder: Path, *, table_version: int, encoder
     """
     folder.mkdir(parents=True, exist_ok=True)
     data = faiss.serialize_index(index)
-    _atomic_write_bytes(folder / INDEX_FILE, data)
+    atomic_write_bytes(folder / INDEX_FILE, data)
     stamp = IndexStamp(
         table_version=int(table_version),
         encoder_fingerprint=encoder_fingerprint,
@@ -305,7 +278,7 @@ def write_index(index: faiss.Index, folder: Path, *, table_version: int, encoder
         added_since_build=int(added_since_build),
         removed_since_build=int(removed_since_build),
     )
-    _atomic_write_bytes(folder / STAMP_FILE, stamp.to_json().encode())
+    atomic_write_bytes(folder / STAMP_FILE, stamp.to_json().encode())
     _CACHE.put(folder, stamp, index)
     log.info("wrote FAISS index (%s, %d vectors) to %s", factory, stamp.ntotal, folder / INDEX_FILE)
     return stamp
@@ -315,7 +288,7 @@ def restamp(folder: Path, stamp: IndexStamp, table_version: int) -> IndexStamp:
     """Move an unchanged index to a new table version (the table's rows are the same, e.g. after
     a compaction): only the stamp is rewritten, atomically."""
     new = IndexStamp(**{**asdict(stamp), "table_version": int(table_version)})
-    _atomic_write_bytes(folder / STAMP_FILE, new.to_json().encode())
+    atomic_write_bytes(folder / STAMP_FILE, new.to_json().encode())
     return new
 
 
@@ -393,7 +366,7 @@ def load_index(folder: Path, encoder_fingerprint: str, *, mmap: bool = False, ca
         hit = _CACHE.get(folder, stamp)
         if hit is not None:
             return hit, stamp
-    if _sha256(path) != stamp.checksum:
+    if sha256_file(path) != stamp.checksum:
         raise IndexIntegrityError(f"FAISS index {path} does not match the checksum in its stamp; "
                                   "it is damaged and will be rebuilt from the table")
     try:

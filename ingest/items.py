@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from PIL import Image
+
+from caselens.files import sha256_file  # noqa: F401  (re-exported: sources hash their inputs with it)
 
 
 @dataclass
@@ -45,15 +45,6 @@ class Source(Protocol):
 
     def __iter__(self) -> Iterator[Item | Rejection]:
         """Every input, ending as an item or a rejection; never silently skipped."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_id(sha256_hex: str) -> str:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection

@@ -10,7 +10,7 @@ import pytest
 from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import TextCorpusSource
-from caselens.retrieval.rag import AskConfig, Request, ask, load_generator
+from caselens.retrieval.rag import Request, load_generator
 from caselens.retrieval.rag.context import ContextItem
 
 WORDS = ("the of and a to in is it airways asthma lung lungs disease chronic bone skin yes no which organ "

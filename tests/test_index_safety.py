@@ -54,14 +54,14 @@ def test_sigkill_during_index_write_leaves_previous_index_usable(home: Path) -> 
     child = _run_python(f"""
         import os, time
         from pathlib import Path
-        from caselens.indexes import faiss_index
+        from caselens import files
         from caselens.indexes.collection import Collection
         real = os.fsync
         def slow(fd):
             Path({str(marker)!r}).write_text("x")   # the new index is half-way: written, not renamed
             time.sleep(60)
             real(fd)
-        faiss_index.os.fsync = slow
+        files.os.fsync = slow  # caselens.files.atomic_write_bytes writes the index
         Collection.open("safe", Path({str(home)!r})).build_index(rebuild=True)
         """, home)
     deadline = time.time() + 60

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from caselens import files
 from caselens.errors import EncoderMismatchError, QueryError
 from caselens.indexes import faiss_index
 from caselens.indexes.collection import Collection
@@ -140,7 +141,7 @@ def test_atomic_write_leaves_previous_index_when_interrupted(home: Path, monkeyp
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(faiss_index.os, "fsync", boom)
+    monkeypatch.setattr(files.os, "fsync", boom)  # the atomic writer of caselens.files
     coll.add([{"id": "x", "kind": "image", "source": "x", "metadata": {}}], vecs[:1])
     with pytest.raises(OSError):
         coll.build_index()

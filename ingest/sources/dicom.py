@@ -169,18 +169,23 @@ def quiet_pydicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def read_header(path: Path, options: DicomOptions | None = None) -> Any:
-    """The header of ``path`` (no pixel data read); raises :class:`DicomReadError`."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    options = options or DicomOptions()
+def _check_file_size(path: Path, options: DicomOptions) -> None:
+    """Raise :class:`DicomReadError` when ``path`` cannot be stat'ed or exceeds the file budget."""
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise DicomReadError("unreadable", f"cannot read file: {exc.strerror or exc}") from None
     if size > options.max_file_bytes:
         raise DicomReadError("too_large", f"file is {size / 2**20:.0f} MiB (limit {options.max_file_bytes / 2**20:.0f} MiB)")
+
+
+def read_header(path: Path, options: DicomOptions | None = None) -> Any:
+    """The header of ``path`` (no pixel data read); raises :class:`DicomReadError`."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    options = options or DicomOptions()
+    _check_file_size(path, options)
     try:
         with quiet_pydicom():
             ds = pydicom.dcmread(str(path), force=not is_dicom(path), stop_before_pixels=True)
@@ -272,12 +277,7 @@ def _decode(path: Path, secret: bytes, options: DicomOptions,
 
     # one read of the file: hashed (the item id) and parsed from memory; pixels are decoded
     # only after the header passed the budget and burned-in checks
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DicomReadError("unreadable", f"cannot read file: {exc.strerror or exc}") from None
-    if size > options.max_file_bytes:
-        raise DicomReadError("too_large", f"file is {size / 2**20:.0f} MiB (limit {options.max_file_bytes / 2**20:.0f} MiB)")
+    _check_file_size(path, options)
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from caselens.errors import UnsupportedModalityError
+from caselens.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,7 @@ def file_sha256(path: str | Path) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _FILE_HASHES[key] = digest.hexdigest()
+        _FILE_HASHES[key] = sha256_file(p)
     return _FILE_HASHES[key]
 
 
