@@ -42,7 +42,7 @@ def main() -> None:
         run = {**asdict(result), "seconds": round(time.perf_counter() - start, 1)}
         out["runs"].append(run)
         for task, t in result.tasks.items():
-            print(f"{name:12s} {task:10s} n={t.n:3d} closed={t.accuracy_closed_book} rag={t.accuracy_rag} "
+            print(f"{name:12s} {task:10s} n={t.n:3d} closed={t.accuracy_closed_book} rag={t.accuracy_rag} answered={t.accuracy_answered} "
                   f"gold_recall={t.gold_recall} abstain={t.abstention_rate}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))

@@ -36,6 +36,7 @@ class IngestConfig:
     on_bad_vectors: str = "reject"  # "reject": record the item as rejected; "error": stop the run
     build_index: bool = True  # refresh the FAISS index after writing
     progress: bool = True  # show a progress bar
+    record_inputs: bool = True  # note the run's absolute input root in <collection>/inputs.json (see ingest.inputs)
 
 
 @dataclass
@@ -113,6 +114,35 @@ def _entries(it: Item, status: str, code: str = "", reason: str = "") -> list[Le
     return [LedgerEntry(name, status, it.id, code, reason) for name in (it.members or [it.input])]
 
 
+def _inputs_done(batch: list[Item | Rejection], last_input: str | None) -> tuple[int, str | None]:
+    """How many inputs ``batch`` finishes (for the progress bar, whose total counts inputs): a series
+    item counts its member files, the chunks of one row (consecutive, same ``input``) count once."""
+    done = 0
+    for it in batch:
+        if isinstance(it, Item) and it.members:
+            done, last_input = done + len(it.members), None
+        elif it.input != last_input:
+            done, last_input = done + 1, it.input
+    return done, last_input
+
+
+def _record_inputs(source: Source, collection: Collection, run_id: str) -> None:
+    """Note where this run reads its files (before the first batch, so that a run killed midway has
+    its stored items covered). A local file of the collection, never an index column: see
+    :mod:`caselens.ingest.inputs`. A failure to write it costs only the images of this run's
+    items for vision-language generators, so it is logged, not raised."""
+    from caselens.ingest.inputs import input_record, record_run
+
+    record = input_record(source)
+    if record is None:
+        return
+    try:
+        record_run(collection.root, run_id, record)
+    except OSError as exc:
+        log.warning("input root of run %s not recorded (%s); its images cannot be shown to a "
+                    "vision-language generator", run_id, exc.strerror or exc)
+
+
 def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
     """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
     config = config or IngestConfig()
@@ -127,8 +157,11 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
     start = time.perf_counter()
     limit = encoder.max_tokens() if source.kind == "text" else None
     seen: set[str] = set()
+    last_input: str | None = None  # the input of the batch's last item: chunks of one row may span batches
     bar = tqdm(total=source.estimate(), unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
     with collection.write_lock():
+        if config.record_inputs:
+            _record_inputs(source, collection, report.run_id)
         for batch in _batches(source, config.batch_size):
             entries: list[LedgerEntry] = []
             fresh: list[Item] = []
@@ -178,7 +211,8 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                 collection.add(records, vectors[keep])
                 report.accepted += len(records)
             collection.record(report.run_id, entries)
-            bar.update(sum(len(it.members) if isinstance(it, Item) and it.members else 1 for it in batch))
+            done, last_input = _inputs_done(batch, last_input)
+            bar.update(done)
         if report.accepted:
             collection.compact()
     bar.close()

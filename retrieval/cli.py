@@ -345,13 +345,13 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"QA: {args.questions} with {', '.join(result.knowledge) or 'no retrieval'} "
                         f"(generator: {result.generator}, k={result.k})")
-    for col in ("task", "n", "acc closed-book", "acc RAG", f"gold recall@{result.k}", "abstained",
+    for col in ("task", "n", "acc closed-book", "acc RAG", "acc answered", f"gold recall@{result.k}", "abstained",
                 "citations valid", "s/question"):
         table.add_column(col, justify="right")
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for t in result.tasks.values():
-        table.add_row(t.task, str(t.n), fmt(t.accuracy_closed_book), fmt(t.accuracy_rag), fmt(t.gold_recall),
-                      fmt(t.abstention_rate), fmt(t.citation_validity), fmt(t.seconds_per_question))
+        table.add_row(t.task, str(t.n), fmt(t.accuracy_closed_book), fmt(t.accuracy_rag), fmt(t.accuracy_answered),
+                      fmt(t.gold_recall), fmt(t.abstention_rate), fmt(t.citation_validity), fmt(t.seconds_per_question))
     console.print(table)
     if result.suggested_min_score is not None:
         console.print(f"calibrated abstention threshold (ask --min-score): {result.suggested_min_score:.3f} "

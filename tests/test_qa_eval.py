@@ -50,7 +50,7 @@ def test_eval_qa_scores_accuracy_recall_and_citations(setup) -> None:
     mc = result.tasks["toy_mc"]
     assert mc.n == 2 and mc.gold_recall == 1.0 and mc.n_with_gold == 2
     assert mc.accuracy_rag == 1.0  # the retrieved passage names the right option
-    assert mc.accuracy_closed_book == 0.0  # extractive has no knowledge of its own
+    assert mc.accuracy_closed_book is None  # extractive only quotes: no closed-book accuracy, not a zero
     assert mc.citation_validity == 1.0 and mc.abstention_rate == 0.0
     assert result.tasks["toy_nogold"].gold_recall is None
     strict = evaluate_qa(questions, [coll], "extractive", k=1, min_score=0.99, closed_book=False, progress=False)

@@ -56,6 +56,16 @@ class DicomSourceConfig:
             raise ValueError(f"workers must be 0 or more, not {self.workers}")
 
 
+def unit_id(digests: list[str], unit: str, slices: int, pooling: str, window: str) -> str:
+    """Item id of a series, study or NIfTI volume: a hash of its files' sha256 digests and of the
+    choices that shape its vector (unit, slices sampled, pooling, DICOM window)."""
+    h = hashlib.sha256()
+    h.update(f"{unit}|{slices}|{pooling}|{window}".encode())
+    for d in sorted(digests):
+        h.update(d.encode())
+    return content_id(h.hexdigest())
+
+
 # ------------------------------------------------------------------ worker tasks (top level: picklable)
 def _instance_task(path: str, rel: str, secret: bytes, options: DicomOptions) -> Item | Rejection:
     """One file -> one instance item (or a rejection)."""
@@ -191,6 +201,16 @@ class DicomSource:
         root = self.root.resolve()
         return root.parent if root.is_file() else root
 
+    def input_record(self) -> dict[str, Any]:
+        """The folder its inputs are named relative to, and how they were read (unit, slices,
+        pooling, DICOM options), for the collection's local inputs file
+        (:mod:`caselens.ingest.inputs`; never an index column)."""
+        from dataclasses import asdict
+
+        cfg = self.config
+        return {"kind": "dicom", "root": str(self.base), "unit": cfg.unit, "slices": cfg.slices,
+                "pooling": cfg.pooling, "dicom": asdict(cfg.options)}
+
     def inputs(self) -> list[tuple[Path, str] | Rejection]:
         """The walked inputs (cached): (path, relative name) or rejections (symlinks, outside root...)."""
         if self._inputs is None:
@@ -240,11 +260,7 @@ class DicomSource:
                                    if n_slices > 1 else None, **prov})
 
     def _unit_id(self, digests: list[str], unit: str) -> str:
-        h = hashlib.sha256()
-        h.update(f"{unit}|{self.config.slices}|{self.config.pooling}|{self.config.options.window}".encode())
-        for d in sorted(digests):
-            h.update(d.encode())
-        return content_id(h.hexdigest())
+        return unit_id(digests, unit, self.config.slices, self.config.pooling, self.config.options.window)
 
     def _volume_items(self, files: list[tuple[Path, str]], window: int) -> Iterator[Item | Rejection]:
         cfg = self.config

@@ -77,6 +77,15 @@ class ImageSource:
             self.manifest_dir = manifest.resolve().parent
             self.numeric = _numeric_columns(self.rows, [c for c in columns if c not in ("path", "label", "patient_id")])
 
+    def input_record(self) -> dict[str, Any]:
+        """The folder its items' sources are relative to, and how DICOM files were read, for the
+        collection's local inputs file (:mod:`caselens.ingest.inputs`; never an index column)."""
+        from dataclasses import asdict
+
+        base = getattr(self, "manifest_dir", self.root)
+        return {"kind": "images", "root": str(Path(base).resolve()),
+                "dicom": asdict(self.dicom_options or DicomOptions())}
+
     def estimate(self) -> int | None:
         if self.rows is not None:
             return len(self.rows)

@@ -80,6 +80,11 @@ class _Ocr:
 _OCR = _Ocr()
 
 
+def render_page(page: Any, dpi: int) -> Image.Image:
+    """A PDFium page rendered at ``dpi`` as an RGB image (as page items and OCR see it)."""
+    return page.render(scale=dpi / 72).to_pil().convert("RGB")
+
+
 class PdfSource:
     """PDF files (one file, or every file under a folder) as chunk items or page items."""
 
@@ -102,6 +107,12 @@ class PdfSource:
             return [self.path]
         return sorted(p for p in self.path.rglob("*") if p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(self.path).parts))
+
+    def input_record(self) -> dict[str, Any]:
+        """The folder its items' files are relative to, and the rendering resolution, for the
+        collection's local inputs file (:mod:`caselens.ingest.inputs`; never an index column)."""
+        return {"kind": "pdf", "root": str(self.root.resolve()), "items": self.options.items,
+                "dpi": self.options.dpi}
 
     def estimate(self) -> int | None:
         return None  # pages and chunks per file are known only once read
@@ -152,7 +163,7 @@ class PdfSource:
             doc.close()
 
     def _render(self, page: Any) -> Image.Image:
-        return page.render(scale=self.options.dpi / 72).to_pil().convert("RGB")
+        return render_page(page, self.options.dpi)
 
     def _read_page(self, doc: Any, index: int, rel: str, doc_id: str, sha: str,
                    title: str) -> Iterator[Item | Rejection]:

@@ -3,9 +3,11 @@
 The questions file is ``{task: {qid: {question, options: {A: …}, answer: "A", PMID?: [ids]}}}``
 (MIRAGE's benchmark.json; ``../shared/data/qa/mirage_dev.json`` is a sample). For each task:
 
-  accuracy_closed_book  the generator chooses an option from the question alone
+  accuracy_closed_book  the generator chooses an option from the question alone (None for generators
+                        that can only quote retrieved text, such as ``extractive``)
   accuracy_rag          the generator chooses with the retrieved context (``ask``); an abstention
                         counts as wrong
+  accuracy_answered     the same over the questions it did not abstain on
   gold_recall           for questions naming gold documents (``PMID``): the share of gold ids present
                         in the context that was put in the prompt (chunks count for their document)
   abstention_rate       answers withheld (weak retrieval, invalid citations)
@@ -50,6 +52,7 @@ class TaskResult:
     abstention_rate: float | None
     citation_validity: float | None
     seconds_per_question: float | None
+    accuracy_answered: float | None = None  # accuracy_rag over the questions not abstained on
 
 
 @dataclass
@@ -121,6 +124,8 @@ def evaluate_qa(questions: Path, knowledge: Sequence[Collection], generator: Gen
         unknown = set(tasks) - set(data)
         if unknown:
             raise QueryError(f"tasks {sorted(unknown)} not in {questions} (tasks there: {sorted(data)})")
+    # a generator that only quotes retrieved text (extractive) has no closed-book accuracy: None, not 0
+    closed_book = closed_book and getattr(gen, "answers_closed_book", True)
     result = QAEval(questions=str(questions), knowledge=[c.name for c in knowledge], generator=gen.name, k=k,
                     min_score=min_score)
     pairs: list[tuple[float, bool]] = []
@@ -161,6 +166,7 @@ def evaluate_qa(questions: Path, knowledge: Sequence[Collection], generator: Gen
             gold_recall=sum(recalls) / len(recalls) if recalls else None, n_with_gold=len(recalls),
             abstention_rate=abstained / n if knowledge and n else None,
             citation_validity=valid / cited if cited else None,
-            seconds_per_question=seconds / n if knowledge and n else None)
+            seconds_per_question=seconds / n if knowledge and n else None,
+            accuracy_answered=rag / (n - abstained) if knowledge and n > abstained else None)
     result.suggested_min_score, result.calibration_j = calibrate_threshold(pairs)
     return result

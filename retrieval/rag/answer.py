@@ -9,6 +9,10 @@ when the evidence is weak.
 4. No generator runs when the best passage scores below ``min_score``: the answer abstains.
 5. The answer's citations are checked (:mod:`grounding`); an answer that cites nothing retrieved
    abstains too, keeping the model's text in ``raw_answer``.
+
+A generator that sees images (a vision-language model) is given the image of each kept case and
+page (:mod:`images`: found again under the collection's recorded input roots, checked against the
+item's content hash, DICOM decoded and PDF pages rendered as ingest did them).
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection
@@ -43,6 +47,7 @@ class AskConfig:
     min_overlap: float = 0.5  # share of a sentence's content words its cited source must contain
     max_new_tokens: int = 160  # generation length limit
     require_citations: bool = True  # abstain when a free/yes-no answer cites nothing retrieved
+    images: bool = True  # show a generator that takes images the kept cases' and pages' images
 
 
 @dataclass
@@ -56,7 +61,7 @@ class Answer:
     abstain_reason: str = ""  # "weak_retrieval", "no_citations", "invalid_citations"
     raw_answer: str = ""  # the generator's text, kept when the answer abstained
     choice: str | None = None  # option letter for multiple-choice and yes/no tasks
-    context: list[dict] = field(default_factory=list)  # key, kind, collection, id, score, source, text
+    context: list[dict] = field(default_factory=list)  # key, kind, collection, id, score, source, text, image
     dropped: list[str] = field(default_factory=list)  # keys retrieved but left out by the token budget
     grounding: dict = field(default_factory=dict)  # cited, invalid_citations, sentences, supported_fraction
     timings_ms: dict[str, float] = field(default_factory=dict)  # retrieval, prompt, generation
@@ -77,6 +82,14 @@ class Answer:
         return json.dumps(asdict(self), indent=2, default=str)
 
 
+def _context_entry(item: ContextItem) -> dict:
+    """An answer's record of a context item: ``image`` says whether its image was shown; the
+    image's local path is left out (it may name the input folder; see ``caselens.ingest.inputs``)."""
+    entry = {**asdict(item), "score": round(item.score, 4)}
+    entry["image"] = entry.pop("image_path") is not None
+    return entry
+
+
 _LETTER = re.compile(r"^\W*([A-Z])(?:[\.\):\s]|$)")
 
 
@@ -95,11 +108,14 @@ def parse_choice(text: str, options: dict[str, str] | None) -> str | None:
     return None
 
 
-def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Collection | None = None,
-                     image: Path | None = None, config: AskConfig | None = None) -> list[ContextItem]:
-    """Cases for ``image`` and passages for ``question`` (+ the cases' findings), best first per kind."""
-    config = config or AskConfig()
+_Hits = dict[tuple[str, str], tuple[Collection, Any]]  # (collection name, item id) -> (collection, hit)
+
+
+def _retrieve(question: str, knowledge: Sequence[Collection], cases: Collection | None,
+              image: Path | None, config: AskConfig) -> tuple[list[ContextItem], _Hits]:
+    """Context items without images, and the hits they came from (to find their images later)."""
     items: list[ContextItem] = []
+    hits: _Hits = {}
     query = question
     if image is not None:
         if cases is None:
@@ -107,9 +123,9 @@ def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Coll
         result = search(cases, image=Path(image), k=config.k_cases)
         for hit in result.hits:
             text = sanitize(case_text(hit))
-            path = Path(hit.source) if hit.source else None
             items.append(ContextItem(citation_key("case", hit), "case", cases.name, hit.id, text, hit.score,
-                                     hit.source, str(path) if path and path.is_absolute() and path.exists() else None))
+                                     hit.source))
+            hits[(cases.name, hit.id)] = (cases, hit)
         findings = " ".join(sorted({it.text for it in items if it.text != "(no report)"}))
         query = f"{question} {findings}".strip()
     for coll in knowledge:
@@ -120,8 +136,64 @@ def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Coll
             kind = item_kind(hit)
             items.append(ContextItem(citation_key(kind, hit), kind, coll.name, hit.id, sanitize(hit.text),
                                      hit.score, hit.source))
+            hits[(coll.name, hit.id)] = (coll, hit)
     items.sort(key=lambda it: -it.score)
-    return items
+    return items, hits
+
+
+def with_images(items: Sequence[ContextItem], hits: _Hits, chunk_pages: bool = False) -> list[ContextItem]:
+    """``items`` with ``image_path`` set where their image is found (:mod:`.images`): cases, page
+    items and, with ``chunk_pages``, the page a PDF text chunk comes from (rendered once, cached).
+    An image goes to the best-ranked item showing it only (chunks of one page share one), so a
+    generator is not shown the same picture twice."""
+    from caselens.retrieval.rag.images import has_image, item_images
+
+    wanted: dict[str, list[ContextItem]] = {}
+    for it in items:
+        found = hits.get((it.collection, it.id))
+        if it.image_path is None and found is not None and it.kind in ("case", "page") and \
+                (found[1].kind == "image" or (chunk_pages and has_image(found[1]))):
+            wanted.setdefault(it.collection, []).append(it)
+    paths: dict[tuple[str, str], str | None] = {}
+    for name, of_coll in wanted.items():
+        coll = hits[(name, of_coll[0].id)][0]
+        resolved = item_images(coll, [hits[(name, it.id)][1] for it in of_coll], pages=chunk_pages)
+        paths.update({(name, it.id): path for it, path in zip(of_coll, resolved)})
+    out, shown = [], set()
+    for it in items:
+        path = it.image_path or paths.get((it.collection, it.id))
+        if path is not None and path in shown:
+            path = None
+        if path is not None:
+            shown.add(path)
+        out.append(it if path == it.image_path else replace(it, image_path=path))
+    return out
+
+
+def takes_images(generator: Generator) -> bool:
+    """True when ``generator`` shows images to its model: a ``takes_images`` attribute says so, else
+    a transformers vision-language model or an OpenAI-compatible endpoint sending images."""
+    flag = getattr(generator, "takes_images", None)
+    if flag is not None:
+        return bool(flag)
+    from caselens.retrieval.rag.generators import OpenAIChatGenerator, TransformersVLMGenerator
+
+    return isinstance(generator, TransformersVLMGenerator) or \
+        (isinstance(generator, OpenAIChatGenerator) and bool(generator.send_images))
+
+
+def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Collection | None = None,
+                     image: Path | None = None, config: AskConfig | None = None, *, images: bool = True,
+                     chunk_pages: bool = False) -> list[ContextItem]:
+    """Cases for ``image`` and passages for ``question`` (+ the cases' findings), best first.
+
+    ``images``: cases and page items get ``image_path``, a PNG/JPEG of what they show, found from
+    the collection's recorded input roots (:mod:`caselens.retrieval.rag.images`: checked against
+    the item's content hash, DICOM decoded and PDF pages rendered into the collection's cache);
+    ``chunk_pages``: PDF text chunks too get their page's image.
+    """
+    items, hits = _retrieve(question, knowledge, cases, image, config or AskConfig())
+    return with_images(items, hits, chunk_pages) if images else items
 
 
 def ask(knowledge: Collection | Sequence[Collection], question: str, *, generator: Generator | str = "auto",
@@ -132,7 +204,7 @@ def ask(knowledge: Collection | Sequence[Collection], question: str, *, generato
         raise QueryError("question is empty")
     knowledge = [knowledge] if isinstance(knowledge, Collection) else list(knowledge)
     t0 = time.perf_counter()
-    items = retrieve_context(question, knowledge, cases, image, config)
+    items, hits = _retrieve(question, knowledge, cases, image, config)
     t1 = time.perf_counter()
     gen = load_generator(generator) if isinstance(generator, str) else generator
     t2 = time.perf_counter()
@@ -144,8 +216,10 @@ def ask(knowledge: Collection | Sequence[Collection], question: str, *, generato
         kept += k
         dropped += d
     kept.sort(key=lambda it: (-(it.kind == "case"), -it.score))
+    if config.images and takes_images(gen):  # images only of what the prompt keeps, for a model that sees them
+        kept = with_images(kept, hits, chunk_pages=True)
     answer = Answer(question=question, answer="", generator=gen.name,
-                    context=[{**asdict(it), "score": round(it.score, 4)} for it in kept],
+                    context=[_context_entry(it) for it in kept],
                     dropped=[it.key for it in dropped])
     passages = [it for it in kept if it.kind != "case"]
     best = max((it.score for it in passages), default=0.0)

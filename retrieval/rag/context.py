@@ -30,7 +30,7 @@ class ContextItem:
     text: str  # sanitised text shown to the generator
     score: float  # retrieval score (cosine similarity or fused score)
     source: str | None = None  # file or corpus it came from
-    image_path: str | None = None  # image for a VLM backend (cases and pages), when on disk
+    image_path: str | None = None  # readable PNG/JPEG of a case or page for a VLM backend (rag.images)
 
 
 def sanitize(text: str) -> str:
@@ -53,11 +53,12 @@ def citation_key(kind: str, hit: Any) -> str:
 
 
 def item_kind(hit: Any) -> str:
-    """"case" for image items, "page" for page/chunk items of a document, else "doc"."""
-    if hit.kind == "image":
-        return "case"
+    """"page" for the pages of a document (page images and the text chunks of a page), "case" for
+    other image items, else "doc"."""
     prov = hit.provenance or {}
-    return "page" if prov.get("page") is not None else "doc"
+    if prov.get("page") is not None:
+        return "page"
+    return "case" if hit.kind == "image" else "doc"
 
 
 def case_text(hit: Any) -> str:

