@@ -31,6 +31,7 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from caselens.errors import (BadVectorError, CollectionNotFoundError, EncoderMismatchError,
                              IndexIntegrityError)
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ITEMS = "items"
 LEDGER = "ledger"
+_TAKE = pc.get_function("take")  # called directly: pc.take's Python wrapper costs more than the take
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Columns every items table has; metadata keys become further columns beside them.
 CORE_COLUMNS = ("id", "_row", "kind", "vector", "source", "text", "provenance")
@@ -55,6 +57,16 @@ LEDGER_SCHEMA = pa.schema([
     pa.field("reason_code", pa.string()),
     pa.field("reason", pa.string()),
 ])
+
+
+def _manifest_v1(version: int) -> str:
+    """File name of a Lance manifest, naming scheme V1."""
+    return f"{version}.manifest"
+
+
+def _manifest_v2(version: int) -> str:
+    """File name of a Lance manifest, naming scheme V2 (newest sorts first)."""
+    return f"{(1 << 64) - 1 - version:020d}.manifest"
 
 
 class MetadataTypeError(ValueError):
@@ -95,6 +107,134 @@ class LedgerEntry:
     reason: str = ""  # human-readable reason with the hint to fix
 
 
+class _JoinCache:
+    """The non-vector columns of one table version in memory, for joining search hits.
+
+    A search joins ~10 rows right after FAISS has streamed its lists through the CPU caches, and
+    then every library call is slow: an Arrow take and conversion of 10 rows costs 100-200 us
+    there (20-40 us in a tight loop). So few rows are read straight from the Arrow buffers in
+    plain Python (string offsets and bytes, int64/float64 values, validity bits; ~3-5 us a row
+    there), many rows (batch joins) and tables with columns of other types go through one Arrow
+    take. Strings with few distinct values are dictionary-encoded (one index to read, nothing
+    to decode), ``_row`` is not stored (it is what was asked) and columns without any value are
+    not read. ``where`` maps a ``_row`` number to its position (-1: no such row).
+    """
+
+    PYTHON_BELOW = 32  # rows read from the buffers in plain Python below this many, Arrow above
+
+    def __init__(self, version: int, rows: np.ndarray, table: pa.Table):
+        self.version = version
+        top = int(rows.max()) + 1 if len(rows) else 0
+        dtype = np.int32 if len(rows) < 2**31 else np.int64
+        self.where = np.full(top, -1, dtype)  # position of each _row number, -1: none
+        self.where[rows] = np.arange(len(rows), dtype=dtype)
+        self._where = memoryview(self.where)  # indexing it gives Python ints, no numpy scalars
+        # Columns without a single value (standard metadata the collection does not use) are
+        # not read per search: kept aside, filled in as None. Nor is _row: it is what was asked.
+        empty = [c for c in table.column_names
+                 if c != "_row" and table.num_rows and table.column(c).null_count == table.num_rows]
+        table = table.drop_columns(["_row", *empty]).combine_chunks()
+        for i, name in enumerate(table.column_names):  # few distinct strings (kind, modality, ...):
+            column = table.column(i)  # dictionary-encoded, one index to read and nothing to decode
+            if not pa.types.is_string(column.type) or column.num_chunks != 1:
+                continue
+            few = min(1 << 16, table.num_rows // 8)
+            sample = column.chunk(0).slice(0, 8192)
+            if pc.count_distinct(sample).as_py() > max(1, len(sample) // 8):  # ids, paths: not worth it
+                continue
+            encoded = column.chunk(0).dictionary_encode()
+            if len(encoded.dictionary) <= few:
+                table = table.set_column(i, name, encoded)
+        batches = table.to_batches()  # one record batch: take and conversion cost less than a table's
+        self.data = batches[0] if len(batches) == 1 else table
+        self.names = ("_row", *table.column_names, *empty)
+        self.nones = [None] * len(empty)
+        readers = [_buffer_reader(c) for c in self.data.columns] if len(batches) == 1 else [None]
+        self.readers = None if None in readers else readers  # None: every read goes through Arrow
+
+    @classmethod
+    def load(cls, table: Any, columns: list[str], version: int, limit: int) -> _JoinCache | None:
+        """The cache of ``columns`` of the LanceDB ``table`` as checked out, or None when it would
+        take more than ``limit`` bytes."""
+        data = table.search().select(columns).limit(max(1, table.count_rows())).to_arrow()
+        rows = data.column("_row").to_numpy()
+        top = int(rows.max()) + 1 if len(rows) else 0
+        if data.nbytes + top * (4 if len(rows) < 2**31 else 8) > limit:
+            return None
+        return cls(version, rows, data)
+
+    def values(self, row_ids: Sequence[int]) -> list[list | None]:
+        """For each of ``row_ids``, its values in :attr:`names` order, or None for a row number
+        not held here."""
+        want = row_ids if isinstance(row_ids, list) else np.asarray(row_ids, np.int64).tolist()
+        where, n, nones = self._where, len(self._where), self.nones
+        out: list[list | None] = []
+        if self.readers is not None and len(want) < self.PYTHON_BELOW:
+            readers = self.readers
+            for r in want:
+                if not 0 <= r < n or (p := where[r]) < 0:
+                    out.append(None)
+                    continue
+                values = [r]
+                for valid, a, data, off in readers:
+                    q = p + off
+                    if valid is not None and not valid[q >> 3] >> (q & 7) & 1:
+                        values.append(None)
+                    elif data is None:  # a number
+                        values.append(a[q])
+                    elif type(data) is list:  # a dictionary-encoded string: index a, strings data
+                        values.append(data[a[q]])
+                    else:  # a string: offsets a, bytes data
+                        values.append(str(data[a[q]:a[q + 1]], "utf-8"))
+                out.append(values + nones)
+            return out
+        if not want:
+            return out
+        asked = np.asarray(want, np.int64)
+        pos = np.full(len(asked), -1, self.where.dtype)
+        known = (asked >= 0) & (asked < n)
+        pos[known] = self.where[asked[known]]
+        found = pos >= 0
+        taken = _TAKE.call([self.data, pa.array(pos[found])]).columns if found.any() else []
+        columns = [(c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c).to_pylist()
+                   for c in taken]  # (a dictionary column converts value by value: decoded first)
+        rows = [[*row, *nones] for row in zip(asked[found].tolist(), *columns)]
+        if len(rows) == len(want):
+            return rows
+        it = iter(rows)
+        return [next(it) if ok else None for ok in found.tolist()]
+
+
+def _buffer_reader(column: pa.Array) -> tuple | None:
+    """(validity bits or None, values -- offsets for strings, indices for dictionary-encoded
+    strings -- as a typed memoryview, string bytes / the dictionary's strings as a list / None,
+    array offset) to read single values of ``column`` in plain Python; None for a type that is
+    read through Arrow only."""
+    kind = column.type
+    is_text = pa.types.is_string
+    strings: Any = None
+    if pa.types.is_dictionary(kind) and is_text(kind.value_type) and pa.types.is_int32(kind.index_type):
+        strings = column.dictionary.to_pylist()
+        column, fmt = column.indices, "i"
+    elif is_text(kind) or pa.types.is_large_string(kind):
+        fmt = "i" if is_text(kind) else "q"
+    elif pa.types.is_int64(kind):
+        fmt = "q"
+    elif pa.types.is_float64(kind):
+        fmt = "d"
+    else:
+        return None
+    buffers = column.buffers()
+    try:
+        values = memoryview(buffers[1]).cast("B").cast(fmt)
+        if strings is None and (is_text(kind) or pa.types.is_large_string(kind)):
+            strings = memoryview(buffers[2]).cast("B") if buffers[2] is not None else memoryview(b"")
+        valid = memoryview(buffers[0]).cast("B") if buffers[0] is not None and column.null_count else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return valid, values, strings, column.offset
+
+
 _LOCKS: dict[str, threading.RLock] = {}
 _LOCK_DEPTH: dict[str, int] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -114,6 +254,13 @@ class Collection:
         self._db = db
         self._table = table
         self.info: dict[str, Any] = json.loads(table.schema.metadata[b"caselens"])
+        self._index_dir = root / "faiss"
+        self._stamp_file = self._index_dir / faiss_index.STAMP_FILE
+        self._versions_dir = root / "lance" / f"{ITEMS}.lance" / "_versions"
+        # (version, path of the next version's manifest) as of the last LanceDB version check
+        self._probe: tuple[int, str] | None = None
+        # ((inode, mtime, size) of the stamp file, index, stamp) last served by index()
+        self._served: tuple[tuple[int, int, int], Any, faiss_index.IndexStamp] | None = None
 
     # ----------------------------------------------------------------- opening
     @staticmethod
@@ -186,11 +333,54 @@ class Collection:
 
     @property
     def version(self) -> int:
-        """Current version of the items table (grows with every write)."""
+        """Current version of the items table (grows with every write), asked of LanceDB."""
         self._table.checkout_latest()
         self._seen_version = int(self._table.version)
         self._checked_at = time.monotonic()
+        self._arm_probe(self._seen_version)
         return self._seen_version
+
+    # Every LanceDB call from Python is a round trip through LanceDB's background event loop
+    # thread and its Rust runtime (thread hand-offs: 0.15 ms in a tight loop, 0.3-0.4 ms right
+    # after a FAISS search, more when the cores are busy), and the version check takes two of
+    # them (checkout, version). A search does not need them when the table has not moved on,
+    # and that can be told exactly from the file system: Lance commits version v+1 by creating
+    # the manifest file ``_versions/<name of v+1>.manifest`` (put-if-not-exists or
+    # rename-if-not-exists, whichever process writes), versions are numbered without gaps, and
+    # the file name follows from the number (naming scheme V1: ``{v}.manifest``; V2:
+    # ``{2**64 - 1 - v:020}.manifest``). So while the next version's manifest does not exist,
+    # the version last read from LanceDB is still the latest: one failing stat() per search.
+    # Existence is not a timestamp, so there is no mtime-granularity race, which a check of the
+    # ``_versions`` folder's mtime would have: two commits within one tick of a coarse
+    # file-system clock (1-10 ms on ext4/xfs, 1-2 s on ext3/FAT/some network file systems) leave
+    # the same mtime, and a reader that looked in between would miss the second one.
+    # When the layout is not recognised (no manifest under either name for the version LanceDB
+    # reports), every check goes to LanceDB. Network file systems that cache failed lookups (NFS
+    # without ``lookupcache=positive``) could hide a new manifest for a while: set
+    # CASELENS_VERSION_PROBE=0 there.
+    def _arm_probe(self, version: int) -> None:
+        self._probe = None
+        if os.environ.get("CASELENS_VERSION_PROBE", "1") == "0":
+            return
+        for name in (_manifest_v2, _manifest_v1):
+            if os.path.exists(os.path.join(self._versions_dir, name(version))):
+                self._probe = (version, os.path.join(self._versions_dir, name(version + 1)))
+                return
+
+    def _latest_version(self) -> int:
+        """The current table version, like :attr:`version`, but without a LanceDB round trip
+        while the next version's manifest does not exist (exact, see :meth:`_arm_probe`)."""
+        probe = self._probe
+        if probe is not None:
+            try:
+                os.stat(probe[1])
+            except FileNotFoundError:
+                self._seen_version = probe[0]
+                self._checked_at = time.monotonic()
+                return probe[0]
+            except OSError:
+                pass
+        return self.version
 
     def secret(self) -> bytes:
         """The collection's pseudonym key."""
@@ -272,48 +462,43 @@ class Collection:
         """Rows keyed by their ``_row`` number."""
         if not len(row_ids):
             return {}
-        table = self._cached_rows(row_ids, None) if columns is None else None
-        if table is None:
-            cols = list(columns) if columns else [c for c in self.columns() if c != "vector"]
-            if "_row" not in cols:
-                cols.append("_row")
-            table = self.take(row_ids, cols)
-        return {row["_row"]: row for row in table.to_pylist()}
+        cached = self.row_values(row_ids) if columns is None else None
+        if cached is not None:
+            names, values = cached  # names[0] is "_row"
+            return {v[0]: dict(zip(names, v)) for v in values if v is not None}
+        cols = list(columns) if columns else [c for c in self.columns() if c != "vector"]
+        if "_row" not in cols:
+            cols.append("_row")
+        return {row["_row"]: row for row in self.take(row_ids, cols).to_pylist()}
 
     def _fresh_version(self) -> int:
-        """The table version, checked out again unless that happened in the last 50 ms (reads of
-        one search share one snapshot and one round trip)."""
+        """The table version, checked again unless that happened in the last 50 ms (reads of
+        one search share the snapshot its index was chosen for)."""
         if time.monotonic() - getattr(self, "_checked_at", -1.0) > 0.05:
-            return self.version
+            return self._latest_version()
         return self._seen_version
 
-    def _cached_rows(self, row_ids: Sequence[int], columns: list[str] | None) -> pa.Table | None:
-        """The non-vector columns (or ``columns``) of ``row_ids`` from an in-memory copy of the
-        table (per table version) when it fits ``CASELENS_JOIN_CACHE_BYTES`` (default 512 MB);
-        None otherwise. Search results join their metadata here in microseconds instead of a
-        LanceDB round trip."""
-        limit = int(os.environ.get("CASELENS_JOIN_CACHE_BYTES", str(512 << 20)))
+    def row_values(self, row_ids: Sequence[int]) -> tuple[tuple[str, ...], list[list | None]] | None:
+        """(column names, for each of ``row_ids`` its values or None when there is no such row)
+        of the non-vector columns, from an in-memory copy of the table (per table version) when
+        it fits ``CASELENS_JOIN_CACHE_BYTES`` (default 512 MB, read when a table version is
+        first joined); None otherwise (use :meth:`rows_by_row_ids`). Search hits join their
+        metadata here in microseconds instead of a LanceDB round trip."""
         version = self._fresh_version()
-        if limit <= 0 or getattr(self, "_join_cache_off", None) == version:
-            return None
-        cached = getattr(self, "_join_cache", None)
-        if cached is None or cached[0] != version:
+        cache = getattr(self, "_join_cache", None)
+        if cache is None or cache.version != version:
+            if getattr(self, "_join_cache_off", None) == version:
+                return None
             self._join_cache = None
-            cols = [c for c in self.columns() if c != "vector"]
-            table = self._table.search().select(cols).limit(max(1, self._table.count_rows())).to_arrow()
-            if table.nbytes > limit:  # too large to keep: LanceDB takes by row address instead
+            limit = int(os.environ.get("CASELENS_JOIN_CACHE_BYTES", str(512 << 20)))
+            cache = None
+            if limit > 0:
+                cache = _JoinCache.load(self._table, [c for c in self.columns() if c != "vector"], version, limit)
+            if cache is None:  # off, or too large to keep: LanceDB takes by row address instead
                 self._join_cache_off = version
                 return None
-            rows = table.column("_row").to_numpy()
-            order = np.argsort(rows, kind="stable")
-            cached = (version, rows[order], table.take(pa.array(order)).combine_chunks())
-            self._join_cache = cached
-        _, rows, table = cached
-        want = np.asarray(row_ids, np.int64)
-        pos = np.minimum(np.searchsorted(rows, want), max(0, len(rows) - 1))
-        found = rows[pos] == want if len(rows) else np.zeros(len(want), bool)
-        picked = table.take(pa.array(pos[found]))
-        return picked if columns is None else picked.select([c for c in columns if c in table.column_names])
+            self._join_cache = cache
+        return cache.names, cache.values(row_ids)
 
     def take(self, row_ids: Sequence[int], columns: Sequence[str]) -> pa.Table:
         """Columns of the rows numbered ``row_ids`` (missing ones left out), read by LanceDB row
@@ -456,7 +641,7 @@ class Collection:
     # ------------------------------------------------------------------ index
     @property
     def index_dir(self) -> Path:
-        return self.root / "faiss"
+        return self._index_dir
 
     def build_index(self, *, rebuild: bool = False, config: Any = None,
                     progress: bool = False) -> faiss_index.IndexStamp:
@@ -492,13 +677,31 @@ class Collection:
         between calls of this process), brought up to date when stale (new rows added, deleted
         rows removed), rebuilt when damaged, refused (:class:`EncoderMismatchError`) when built
         by another encoder."""
+        version = self._latest_version()
+        served = self._served
+        if served is not None:
+            # The index served last time, while the table is at its version and the stamp file is
+            # the same file (inode, mtime, size: writers rename a new stamp into place after the
+            # index): no stamp parsing, no index file check. The index was verified for this
+            # table version, so a stamp replaced unseen (a rebuild at this same table version,
+            # within one clock tick, by a file that got the same inode and size) could only delay
+            # the switch to the rebuilt index, never serve rows of another table version.
+            key, index, stamp = served
+            if stamp.table_version == version and faiss_index.file_key(self._stamp_file) == key:
+                return index, stamp
+        self._served = None
         fingerprint = self.encoder["fingerprint"]
+        key = faiss_index.file_key(self._stamp_file)
         stamp = faiss_index.read_stamp(self.index_dir)
         if stamp is not None and stamp.encoder_fingerprint != fingerprint:
             faiss_index.load_index(self.index_dir, fingerprint)  # raises EncoderMismatchError
-        if stamp is not None and stamp.table_version == self.version:
+        if stamp is not None and stamp.table_version == version:
             try:
-                return faiss_index.load_index(self.index_dir, fingerprint, mmap=self._mmap(stamp), stamp=stamp)
+                index, stamp = faiss_index.load_index(self.index_dir, fingerprint, mmap=self._mmap(stamp),
+                                                      stamp=stamp)
+                if key is not None and faiss_index.file_key(self._stamp_file) == key:  # no writer in between
+                    self._served = (key, index, stamp)
+                return index, stamp
             except IndexIntegrityError as exc:
                 log.warning("%s; rebuilding", exc)
                 with self.write_lock():
@@ -507,7 +710,7 @@ class Collection:
                     maintenance.full_build(self, None)
         elif stamp is not None:
             log.info("FAISS index of %s is stale (table v%d, index v%d); updating",
-                     self.name, self.version, stamp.table_version)
+                     self.name, version, stamp.table_version)
             self.build_index()
         else:
             self.build_index()

@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,6 +302,16 @@ def read_stamp(folder: Path) -> IndexStamp | None:
         return None
 
 
+def file_key(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of ``path``, or None when it is missing: a file replaced by a
+    writer (a new file renamed into place) gets a new key."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 # -------------------------------------------------------------------- load
 class _LoadedCache:
     """Indexes already loaded and verified in this process, keyed by folder and checksum, so a
@@ -427,6 +439,50 @@ def search_params(index: faiss.Index, params: dict[str, int] | None, selector: f
     return None
 
 
+# id(index) -> (weak reference to the index, copy of params, copy of the tombstones, SearchParameters,
+# objects the parameters point to)
+_PARAMS: dict[int, tuple] = {}
+_PARAMS_DROP = _PARAMS.pop  # bound now: weak reference callbacks may run late at interpreter exit
+
+
+def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
+                       deleted: list[int] | np.ndarray | None) -> faiss.SearchParameters | None:
+    """Search parameters for a search without a filter: the stamp's ``params`` and, with
+    tombstones, a selector that excludes ``deleted``.
+
+    Kept per index object for the same ``params`` and tombstones (a list equal to the one they
+    were made for: a stamp's), so a single query does not pay for downcasts, SWIG objects and a
+    hash set of every tombstone. FAISS only reads search parameters and selectors, so one set
+    serves concurrent searches. Not kept when ``params`` name neither ``nprobe`` nor
+    ``efSearch`` (the index's own, changeable value applies then) or tombstones come as another
+    type than a list.
+    """
+    dead = deleted if deleted is not None and len(deleted) else None
+    cacheable = (bool(params) and ("nprobe" in params or "efSearch" in params)
+                 and (dead is None or isinstance(dead, list)))
+    if cacheable:
+        cached = _PARAMS.get(id(index))
+        if cached is not None and cached[0]() is index and cached[1] == params and cached[2] == dead:
+            return cached[3]  # (dict ==, list ==: C speed)
+    keep: list[Any] = []
+    selector = None
+    if dead is not None:
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(dead, dtype=np.int64))
+        selector = faiss.IDSelectorNot(batch)
+        keep += [batch, selector]
+    p = search_params(index, params, selector)
+    if p is not None:
+        p._caselens_keep = keep  # the selectors live as long as the parameters
+    if cacheable:
+        key = id(index)
+        try:
+            ref = weakref.ref(index, lambda _: _PARAMS_DROP(key, None))  # forgotten with the index
+        except TypeError:  # not weakly referenceable
+            return p
+        _PARAMS[key] = (ref, dict(params or {}), list(dead) if dead is not None else None, p, keep)
+    return p
+
+
 def search_index(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
                  params: dict[str, int] | None = None, deleted: list[int] | np.ndarray | None = None,
                  selectivity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -439,24 +495,24 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: n
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim == 1:
         queries = queries[None]
-    k = max(1, min(k, index.ntotal)) if index.ntotal else 1
-    keep: list[Any] = []
-    selector = None
+    ntotal = index.ntotal
+    k = max(1, min(k, ntotal)) if ntotal else 1
     if allowed_ids is not None:
         allowed = np.asarray(allowed_ids, dtype=np.int64)
         if deleted is not None and len(deleted):
             allowed = np.setdiff1d(allowed, np.asarray(deleted, np.int64))
         if not len(allowed):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        selector, bits = _bitmap_selector(allowed)
-        keep.append(bits)
+        selector, bits = _bitmap_selector(allowed)  # bits must stay alive until the search is done
         if selectivity is None:
-            selectivity = len(allowed) / max(1, index.ntotal)
-    elif deleted is not None and len(deleted):
-        dead = faiss.IDSelectorBatch(np.ascontiguousarray(deleted, dtype=np.int64))
-        selector = faiss.IDSelectorNot(dead)
-        keep.append(dead)
-    p = search_params(index, params, selector, selectivity if selectivity is not None else 1.0)
+            selectivity = len(allowed) / max(1, ntotal)
+        p = search_params(index, params, selector, selectivity)
+        if p is None:
+            return index.search(queries, k)
+        scores, ids = index.search(queries, k, params=p)
+        del bits
+        return scores, ids
+    p = _unfiltered_params(index, params, deleted)
     if p is None:
         return index.search(queries, k)
     return index.search(queries, k, params=p)

@@ -235,7 +235,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     cases = Collection.open(args.cases, args.home) if args.cases else None
     options = _encoder_options(args.option) if args.option else None
     task = args.task or ("mc" if options else "free")
-    config = AskConfig(k=args.k, task=task, options=options, where=args.where, min_score=args.min_score)
+    config = AskConfig(k=args.k, task=task, options=options, where=args.where, min_score=args.min_score,
+                       images=not args.no_images)
     with console.status("retrieving and generating…", spinner="dots") if not args.json else _null():
         answer = ask(knowledge, args.question, generator=args.generator, cases=cases,
                      image=Path(args.image) if args.image else None, config=config)
@@ -579,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or openai:<base url> for an OpenAI-compatible endpoint (model from $CASELENS_MODEL, "
                         "key from $CASELENS_API_KEY)")
     s.add_argument("--where", metavar="SQL", help="filter passages on metadata columns")
+    s.add_argument("--no-images", action="store_true",
+                   help="send no case or page images to the generator (for text-only models behind openai:)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_ask)
 

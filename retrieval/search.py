@@ -130,22 +130,47 @@ def dense_rows(collection: Collection, query: np.ndarray, k: int,
         else:
             scores, rows = search_index(index, query, k, allowed_ids=row_ids, params=stamp.params,
                                         deleted=stamp.deleted)
-    return [(float(s), int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0], candidates
+    return [(s, r) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0], candidates
+
+
+_NOT_METADATA = frozenset(("id", "_row", "kind", "source", "text", "provenance", "label"))
+_LAYOUTS: dict[tuple[str, ...], tuple] = {}  # column names -> where each Hit field is in a row's values
+
+
+def _layout(names: tuple[str, ...]) -> tuple:
+    layout = _LAYOUTS.get(names)
+    if layout is None:
+        at = {c: i for i, c in enumerate(names)}
+        metadata = tuple((i, c) for i, c in enumerate(names) if c not in _NOT_METADATA)
+        layout = (at["_row"], at["id"], at["kind"], at.get("label"), at.get("source"), at.get("text"),
+                  at.get("provenance"), metadata)
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[names] = layout
+    return layout
 
 
 def hits_for_rows(collection: Collection, found: list[tuple[float, int]]) -> list[Hit]:
     """Hits for ranked (score, ``_row``) pairs, with their stored text, metadata and provenance."""
-    meta = collection.rows_by_row_ids([r for _, r in found])
+    rows = [r for _, r in found]
+    cached = collection.row_values(rows)
+    if cached is None:  # no in-memory copy of the table: rows read from LanceDB
+        meta = collection.rows_by_row_ids(rows)
+        names = tuple(next(iter(meta.values()))) if meta else ("_row", "id", "kind")
+        cached = names, [[meta[r][c] for c in names] if r in meta else None for r in rows]
+    names, values = cached
+    _, i_id, i_kind, i_label, i_source, i_text, i_prov, metadata = _layout(names)
     hits = []
-    for rank, (score, row) in enumerate(found, start=1):
-        rec = meta.get(row)
-        if rec is None:  # the table moved on since the index was read; skip, never invent
+    for rank, ((score, _), v) in enumerate(zip(found, values), start=1):
+        if v is None:  # the table moved on since the index was read; skip, never invent
             continue
-        extra = {c: rec[c] for c in rec if c not in ("id", "_row", "kind", "source", "text", "provenance", "label")
-                 and rec[c] is not None}
-        hits.append(Hit(rank=rank, score=score, id=rec["id"], kind=rec["kind"], label=rec.get("label"),
-                        source=rec.get("source"), text=rec.get("text"), metadata=extra,
-                        provenance=json.loads(rec.get("provenance") or "{}")))
+        provenance = v[i_prov] if i_prov is not None else None
+        hits.append(Hit(rank, score, v[i_id], v[i_kind],  # rank, score, id, kind, label, source, text
+                        v[i_label] if i_label is not None else None,
+                        v[i_source] if i_source is not None else None,
+                        v[i_text] if i_text is not None else None,
+                        {c: v[i] for i, c in metadata if v[i] is not None},  # metadata
+                        json.loads(provenance) if provenance and provenance != "{}" else {}))  # provenance
     return hits
 
 

@@ -89,3 +89,26 @@ def test_langchain_retriever_and_chain(home: Path, tmp_path: Path, minilm) -> No
              | RunnableLambda(lambda x: "\n".join(f"[{d.metadata['key']}] {d.page_content}" for d in x["docs"]))
              | RunnableLambda(lambda context: context.splitlines()[0]))
     assert chain.invoke("Which disease affects the airways?").startswith("[doc:asthma] Asthma")
+
+
+def test_calibrated_option_choice_removes_the_content_free_prior(tiny_lm: Path) -> None:
+    """With ``calibrate``, the choice maximises score(option | prompt) - score(option | "N/A" prompt)."""
+    from caselens.retrieval.rag.generators import TransformersGenerator
+    from caselens.retrieval.rag.prompts import build_prompt
+
+    raw = TransformersGenerator(str(tiny_lm))
+    calibrated = TransformersGenerator(str(tiny_lm), calibrate=True)
+    assert "calibrated" in calibrated.name and "calibrated" not in raw.name
+    items = [ContextItem("doc:a", "doc", "kb", "a", "asthma is a chronic disease of the airways", 0.9)]
+    vocab = ["asthma", "chronic", "disease", "airways", "lung", "bone", "skin", "heart", "organ", "which"]
+    differed = 0
+    for i in range(12):
+        options = {"A": vocab[i % 10], "B": vocab[(i + 3) % 10], "C": vocab[(i + 6) % 10] + " " + vocab[(i + 1) % 10]}
+        request = Request(f"which {vocab[(i + 4) % 10]} ?", items, task="mc", options=options)
+        real = raw.option_scores(request.prompt(), options)
+        prior = raw.option_scores(build_prompt("N/A", [], "mc", options), options)
+        assert calibrated.prior_scores(request) == pytest.approx(prior, abs=1e-5)
+        want = max(options, key=lambda k: real[k] - prior[k])
+        assert calibrated.generate(request) == f"{want}. {options[want]}"
+        differed += raw.generate(request) != calibrated.generate(request)
+    assert differed, "calibration never changed a choice: the prior is not being removed"

@@ -163,3 +163,118 @@ def test_hnsw_index_above_threshold_searches_with_selector(monkeypatch: pytest.M
     allowed = np.arange(1000, 1600, 2)
     _, ids = faiss_index.search_index(index, vecs[1:2], 10, allowed_ids=allowed)
     assert all(i % 2 == 0 for i in ids[0] if i >= 0)
+
+
+def _unit(dim: int, i: int) -> np.ndarray:
+    return np.eye(dim, dtype=np.float32)[i]
+
+
+def test_writes_by_another_process_are_seen_by_the_next_search(home: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    coll, vecs = _vector_collection(home)
+    assert search_vector(coll, vecs[3], k=1).hits[0].id == "v3"  # index loaded, version checked
+    assert search_vector(coll, vecs[3], k=1).hits[0].id == "v3"  # served without asking LanceDB
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from caselens.indexes.collection import Collection
+        coll = Collection.open("vecs", {str(home)!r})
+        coll.add([{{"id": "new", "kind": "image", "source": "new", "metadata": {{}}}}],
+                 np.eye(8, dtype=np.float32)[:1])
+        coll.delete(["v3"])
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    # as soon as the other process's writes returned: the addition is found, the deletion gone
+    assert search_vector(coll, _unit(8, 0), k=1).hits[0].id == "new"
+    assert "v3" not in [h.id for h in search_vector(coll, vecs[3], k=10).hits]
+    assert coll._latest_version() == Collection.open("vecs", home).version
+
+
+def test_writes_through_another_handle_are_seen_within_the_same_instant(home: Path) -> None:
+    coll, vecs = _vector_collection(home)
+    other = Collection.open("vecs", home)
+    for i in range(3):  # no pause: searches right after a write, well inside any caching window
+        assert search_vector(coll, vecs[10 + i], k=1).hits[0].id == f"v{10 + i}"
+        other.add([{"id": f"new{i}", "kind": "image", "source": "new", "metadata": {}}], _unit(8, i)[None])
+        other.delete([f"v{10 + i}"])
+        assert search_vector(coll, _unit(8, i), k=1).hits[0].id == f"new{i}"
+        assert f"v{10 + i}" not in [h.id for h in search_vector(coll, vecs[10 + i], k=10).hits]
+
+
+def test_version_probe_agrees_with_lancedb(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    coll, vecs = _vector_collection(home)
+    other = Collection.open("vecs", home)
+    assert coll.version and coll._probe is not None  # the manifest layout is recognised: searches skip LanceDB
+    writes = [lambda: other.add([{"id": "a", "kind": "image", "source": "a", "metadata": {"new_key": "x"}}],
+                                vecs[:1]),
+              lambda: other.delete(["v1"]), lambda: other.compact()]
+    for write in writes:
+        before = coll._latest_version()
+        with monkeypatch.context() as m:  # unchanged: answered from the file system alone
+            m.setattr(coll._table, "checkout_latest", lambda: pytest.fail("asked LanceDB"))
+            assert coll._latest_version() == before
+        write()
+        assert coll._latest_version() == other.version > before
+    monkeypatch.setenv("CASELENS_VERSION_PROBE", "0")
+    assert coll.version and coll._probe is None and coll._latest_version() == other.version
+
+
+def test_join_cache_ignores_unknown_rows_and_fills_empty_columns(home: Path) -> None:
+    coll, _ = _vector_collection(home)
+    rows = coll.rows_by_row_ids([3, -1, 10_000, 5, 3])
+    assert sorted(rows) == [3, 5]
+    assert rows[3]["id"] == "v3" and rows[3]["label"] is None and rows[3]["group"] == "g3"
+    assert set(rows[3]) == {c for c in coll.columns() if c != "vector"}
+    assert coll.rows_by_row_ids(np.array([5])) == {5: rows[5]}
+
+
+def test_tombstones_are_excluded_whichever_list_is_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    vecs = rng.normal(size=(300, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    monkeypatch.setattr(faiss_index, "HNSW_THRESHOLD", 100)
+    index, factory = faiss_index.build_index(vecs, np.arange(300))
+    assert factory == "HNSW32"
+    params = {"efSearch": 64}
+    first, second = [0, 1], [2]
+    cases = [(first, {0, 1}, {2}), (first, {0, 1}, {2}), (second, {2}, {0, 1}), (None, set(), {0, 1, 2})]
+    for deleted, gone, back in cases:
+        _, ids = faiss_index.search_index(index, vecs[:3], 1, params=params, deleted=deleted)
+        found = set(ids[:, 0].tolist())
+        assert not found & gone and back <= found
+    faiss_index.search_index(index, vecs[:3], 1, params=params, deleted=first)  # parameters kept for it
+    first.append(2)  # the same list object, changed: its new contents count
+    _, ids = faiss_index.search_index(index, vecs[:3], 1, params=params, deleted=first)
+    assert not set(ids[:, 0].tolist()) & {0, 1, 2}
+
+
+def test_join_reads_the_same_rows_from_buffers_arrow_and_lancedb(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from caselens.indexes import collection as collection_module
+
+    coll, vecs = _vector_collection(home)
+    extra = [{"id": "ü", "kind": "text", "source": "Grüße ✓ 𝄞", "text": "", "provenance": {"page": 2},
+              "metadata": {"group": "ünï", "score": -0.5, "only_here": "x"}},
+             {"id": "n", "kind": "image", "source": None, "metadata": {"group": None, "score": None}}]
+    coll.add(extra, vecs[:2])
+    wanted = [41, 0, 40, 39, 41, -3, 99]
+    from_buffers = coll.rows_by_row_ids(wanted)
+    assert coll._join_cache.readers is not None  # this table's types are all read from the buffers
+    monkeypatch.setattr(collection_module._JoinCache, "PYTHON_BELOW", 0)
+    assert coll.rows_by_row_ids(wanted) == from_buffers
+    monkeypatch.setenv("CASELENS_JOIN_CACHE_BYTES", "0")
+    uncached = Collection.open("vecs", home)
+    assert uncached.rows_by_row_ids(wanted) == from_buffers and uncached.row_values(wanted) is None
+    assert from_buffers[40]["source"] == "Grüße ✓ 𝄞" and from_buffers[40]["text"] == ""
+    assert from_buffers[40]["score"] == -0.5 and from_buffers[41]["score"] is None
+    assert from_buffers[41]["source"] is None and from_buffers[39]["only_here"] is None
+    assert sorted(from_buffers) == [0, 39, 40, 41]
+
+
+def test_join_on_an_empty_collection_finds_nothing(home: Path) -> None:
+    record = {"spec": "test:vectors", "dim": 8, "modalities": ["image"], "fingerprint": "f" * 16, "options": {}}
+    coll = Collection.create("empty", record, home)
+    assert coll.rows_by_row_ids([0, 3]) == {}
+    names, values = coll.row_values([0, 3])
+    assert "id" in names and values == [None, None]

@@ -113,7 +113,7 @@ class TransformersGenerator:
 
     kind = "transformers model"  # the start of the default name
 
-    def __init__(self, source: str, name: str | None = None, device: str | None = None):
+    def __init__(self, source: str, name: str | None = None, device: str | None = None, calibrate: bool = False):
         import torch
 
         from caselens.retrieval.encoders.base import quiet_transformers
@@ -124,6 +124,12 @@ class TransformersGenerator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.name = name or f"{self.kind} {source}"
+        # Multiple choice: subtract each option's score under a content-free prompt (question "N/A",
+        # same options, no sources) from its real score, removing the model's prior for an option
+        # whatever the question (contextual calibration, Zhao et al. 2021, "Calibrate before use").
+        self.calibrate = calibrate
+        if calibrate:
+            self.name += ", options calibrated"
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.context_limit = int(getattr(text_config, "max_position_embeddings", 2048) or 2048)
@@ -181,9 +187,16 @@ class TransformersGenerator:
                 scores[letter] = float(total) / cont.shape[1]
         return scores
 
+    def prior_scores(self, request: Request) -> dict[str, float]:
+        """Option scores under the content-free prompt of ``request`` (see ``calibrate``)."""
+        return self.option_scores(build_prompt("N/A", [], request.task, request.options), request.options or {})
+
     def generate(self, request: Request) -> str:
         if request.task == "mc" and request.options:
             scores = self.choice_scores(request)
+            if self.calibrate:
+                prior = self.prior_scores(request)
+                scores = {letter: score - prior[letter] for letter, score in scores.items()}
             letter = max(scores, key=scores.get)
             return f"{letter}. {request.options[letter]}"
         inputs = self.inputs(request)
@@ -224,9 +237,10 @@ class TransformersVLMGenerator(TransformersGenerator):
 
     kind = "transformers vision-language model"
 
-    def __init__(self, source: str, name: str | None = None, device: str | None = None, max_images: int = 4):
+    def __init__(self, source: str, name: str | None = None, device: str | None = None, max_images: int = 4,
+                 calibrate: bool = False):
         self.max_images = max_images
-        super().__init__(source, name=name, device=device)
+        super().__init__(source, name=name, device=device, calibrate=calibrate)
 
     def _load(self, source: str) -> tuple[Any, Any]:
         import transformers
@@ -285,9 +299,9 @@ class TransformersVLMGenerator(TransformersGenerator):
 class GemmaGenerator(TransformersGenerator):
     """Gemma 3 270M from its PyPI package."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, calibrate: bool = False):
         super().__init__(str(self._converted()), name="gemma-3-270m (Q4_K_M GGUF, base model, via transformers)",
-                         device=device)
+                         device=device, calibrate=calibrate)
 
     @staticmethod
     def _converted() -> Path:
