@@ -292,3 +292,10 @@ def test_endpoint_messages_attach_case_images_as_data_urls(tmp_path: Path) -> No
     assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1]) == png.read_bytes()
     text_only = OpenAIChatGenerator("http://127.0.0.1:1/v1", send_images=False).messages(Request("Q?", items))
     assert isinstance(text_only[1]["content"], str)
+    # at most max_images images go out, best-ranked first
+    many = [ContextItem(f"case:c{i}", "case", "cases", f"c{i}", "Label: x.", 1 - i / 10, "case.png", str(png))
+            for i in range(5)]
+    capped = OpenAIChatGenerator("http://127.0.0.1:1/v1", max_images=2).messages(Request("Q?", many))[1]["content"]
+    labels = [c["text"] for c in capped if c["type"] == "text"][1:]
+    assert labels == ["Image of [case:c0]:", "Image of [case:c1]:"]
+    assert sum(c["type"] == "image_url" for c in capped) == 2

@@ -341,7 +341,7 @@ class OpenAIChatGenerator:
     """A chat model behind an OpenAI-compatible ``/v1/chat/completions`` endpoint."""
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 120.0, send_images: bool = True):
+                 timeout: float = 120.0, send_images: bool = True, max_images: int = 4):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"generator endpoint {base_url!r} must start with http:// or https://")
         self.url = base_url.rstrip("/")
@@ -350,6 +350,7 @@ class OpenAIChatGenerator:
         self.model = model or os.environ.get("CASELENS_MODEL") or "default"
         self.api_key = api_key or os.environ.get("CASELENS_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout, self.send_images = timeout, send_images
+        self.max_images = max_images  # images sent at most, best-ranked first (as for local VLMs)
         self.name = f"openai-compatible endpoint {self.url} (model {self.model})"
 
     def count_tokens(self, text: str) -> int:
@@ -359,12 +360,15 @@ class OpenAIChatGenerator:
         """Chat messages: the system rules, then the prompt with images of cases/pages as data URLs."""
         content: list[dict[str, Any]] = [{"type": "text", "text": request.prompt(with_system=False)}]
         if self.send_images:
-            for item in request.items:
-                if item.image_path and Path(item.image_path).is_file():
-                    mime = mimetypes.guess_type(item.image_path)[0] or "image/png"
-                    data = base64.b64encode(Path(item.image_path).read_bytes()).decode()
-                    content.append({"type": "text", "text": f"Image of [{item.key}]:"})
-                    content.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
+            with_image = [item for item in request.items if item.image_path and Path(item.image_path).is_file()]
+            if len(with_image) > self.max_images:
+                log.warning("sending %d of %d images (max_images=%d); dropped, lowest-ranked: %s", self.max_images,
+                            len(with_image), self.max_images, ", ".join(it.key for it in with_image[self.max_images:]))
+            for item in with_image[: self.max_images]:
+                mime = mimetypes.guess_type(item.image_path)[0] or "image/png"
+                data = base64.b64encode(Path(item.image_path).read_bytes()).decode()
+                content.append({"type": "text", "text": f"Image of [{item.key}]:"})
+                content.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
         user: Any = content[0]["text"] if len(content) == 1 else content
         system = SYSTEM if request.items else "Answer the question."
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
