@@ -238,6 +238,12 @@ def _buffer_reader(column: pa.Array) -> tuple | None:
 _LOCKS: dict[str, threading.RLock] = {}
 _LOCK_DEPTH: dict[str, int] = {}
 _LOCKS_GUARD = threading.Lock()
+# Facts about a collection that only its writers change (schema, next row number), kept while
+# this process holds its write lock and dropped when the lock is released: no other process can
+# write meanwhile (flock), and every write of this process goes through Collection methods that
+# update or drop them. Keyed by collection root; "owner" is the thread holding the lock (other
+# threads of this process, which wait for that lock, never read them).
+_HELD: dict[str, dict[str, Any]] = {}
 
 
 def _process_lock(root: Path) -> threading.RLock:
@@ -423,12 +429,37 @@ class Collection:
                     return
                 with open(self.root / ".lock", "a") as fh:
                     fcntl.flock(fh, fcntl.LOCK_EX)
+                    _HELD[str(self.root)] = {"owner": threading.get_ident()}
                     try:
                         yield
                     finally:
+                        _HELD.pop(str(self.root), None)
                         fcntl.flock(fh, fcntl.LOCK_UN)
             finally:
                 _LOCK_DEPTH[str(self.root)] = depth
+
+    def _held(self) -> dict[str, Any] | None:
+        """The facts kept while this thread holds the write lock (see :data:`_HELD`), else None."""
+        held = _HELD.get(str(self.root))
+        return held if held is not None and held["owner"] == threading.get_ident() else None
+
+    def _schema(self) -> pa.Schema:
+        """The items table's schema: asked of LanceDB (a round trip), or kept while this thread
+        holds the write lock (only writers change it, and they drop the kept one)."""
+        held = self._held()
+        if held is None:
+            return self._table.schema
+        if "schema" not in held:
+            held["schema"] = self._table.schema
+            held["types"] = {f.name: f.type for f in held["schema"]}
+        return held["schema"]
+
+    def _column_types(self) -> dict[str, pa.DataType]:
+        held = self._held()
+        if held is None:
+            return {f.name: f.type for f in self._table.schema}
+        self._schema()
+        return held["types"]
 
     # ------------------------------------------------------------------ reads
     def existing_ids(self, ids: Iterable[str] | None = None) -> set[str]:
@@ -445,7 +476,8 @@ class Collection:
                 rows = self._table.search().where(f"id IN ({quoted})").select(["id"]).limit(len(part)).to_arrow()
                 found.update(rows.column("id").to_pylist())
             return found
-        return set(self._table.to_arrow().column("id").to_pylist()) if self.count() else set()
+        n = self.count()
+        return set(self._table.search().select(["id"]).limit(n).to_arrow().column("id").to_pylist()) if n else set()
 
     def rows(self, where: str | None = None, columns: Sequence[str] | None = None,
              limit: int | None = None) -> pa.Table:
@@ -533,8 +565,17 @@ class Collection:
                 np.asarray(flat, np.float32).reshape(-1, self.dim))
 
     # ----------------------------------------------------------------- writes
+    def add_metadata_columns(self, metadata: dict[str, Any]) -> None:
+        """Create the columns that the (coerced, see :meth:`coerce_metadata`) ``metadata`` needs and
+        the table lacks, typed by its values (numbers: DOUBLE, else STRING), so that later
+        metadata is coerced to them. An ingest that buffers rows calls this for each accepted
+        item, so every item meets the columns its predecessors made, as when rows are written
+        one by one."""
+        with self.write_lock():
+            self._ensure_columns([metadata])
+
     def _ensure_columns(self, rows: list[dict]) -> None:
-        schema = {f.name: f.type for f in self._table.schema}
+        schema = self._column_types()
         missing: dict[str, str] = {}
         for row in rows:
             for key, value in row.items():
@@ -545,6 +586,10 @@ class Collection:
         if missing:
             self._table.add_columns(missing)
             self._checked_at = -1.0  # cached version is stale
+            held = self._held()
+            if held is not None:
+                held.pop("schema", None)
+                held.pop("types", None)
             log.info("collection %s: new metadata columns %s", self.name, sorted(missing))
 
     def coerce_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -552,7 +597,7 @@ class Collection:
 
         Raises :class:`MetadataTypeError` for a value that cannot be converted.
         """
-        types = {f.name: f.type for f in self._table.schema}
+        types = self._column_types()
         out: dict[str, Any] = {}
         for key, value in metadata.items():
             col = column_name(key)
@@ -594,18 +639,31 @@ class Collection:
             row.update(self.coerce_metadata(rec.get("metadata", {})))
             rows.append(row)
         self._ensure_columns(rows)
-        schema = self._table.schema
+        schema = self._schema()
         columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
         columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
         self._table.add(pa.table({f.name: columns[f.name] for f in schema}, schema=schema))
         self._checked_at = -1.0  # cached version is stale
+        held = self._held()
+        if held is not None:
+            held["next_row"] = start + len(rows)
         return self.version
 
     def _next_row(self) -> int:
-        if self.count() == 0:
-            return 0
-        rows = self._table.search().select(["_row"]).limit(self.count()).to_arrow().column("_row")
-        return int(pa.compute.max(rows).as_py()) + 1
+        """The next free ``_row`` number: one past the largest stored (a scan of ``_row``), kept
+        while this thread holds the write lock, so that a run of adds scans once, not per add."""
+        held = self._held()
+        if held is not None and "next_row" in held:
+            return held["next_row"]
+        n = self.count()
+        if n == 0:
+            nxt = 0
+        else:
+            rows = self._table.search().select(["_row"]).limit(n).to_arrow().column("_row")
+            nxt = int(pa.compute.max(rows).as_py()) + 1
+        if held is not None:
+            held["next_row"] = nxt
+        return nxt
 
     def compact(self) -> None:
         """Merge the small files that batch-wise writes leave behind (keeps all data and versions)."""
@@ -755,6 +813,9 @@ class Collection:
             return 0
         with self.write_lock():
             present = sorted(self.existing_ids(wanted))
+            held = self._held()
+            if held is not None:  # as before: the next row number follows the largest left
+                held.pop("next_row", None)
             for i in range(0, len(present), 1000):
                 quoted = ",".join("'" + x.replace("'", "''") + "'" for x in present[i:i + 1000])
                 self._table.delete(f"id IN ({quoted})")

@@ -1,9 +1,13 @@
 """The ingest runner: reader -> batcher -> encoder -> writer, with a ledger of every input.
 
 Each input ends in the ledger as ``accepted`` (stored now), ``duplicate`` (its id was already
-stored; nothing added) or ``rejected`` (with a reason code and a reason). Items are written a
-batch at a time, so a failure mid-run loses at most the batch in flight and a re-run continues
-by skipping what is stored.
+stored; nothing added) or ``rejected`` (with a reason code and a reason). Items are encoded a
+batch at a time and written in larger groups (:attr:`IngestConfig.write_items` items or
+:attr:`IngestConfig.write_seconds` seconds, whichever comes first: one LanceDB table version per
+group, not per batch); a group's ledger rows are written after its items. So a run killed
+midway loses at most the group not yet written, and a re-run continues by skipping what is
+stored (items written without their ledger rows are met as ``duplicate``). An error raised in
+the run writes the groups finished before it first.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ log = logging.getLogger(__name__)
 class IngestConfig:
     """How an ingest run behaves."""
 
-    batch_size: int = 32  # items encoded and written together
+    batch_size: int = 32  # items encoded together
+    write_items: int = 1024  # items buffered before they are written (one table version per write)
+    write_seconds: float = 5.0  # ... or this long after the previous write, whichever comes first
     on_bad_vectors: str = "reject"  # "reject": record the item as rejected; "error": stop the run
     build_index: bool = True  # refresh the FAISS index after writing
     progress: bool = True  # show a progress bar
@@ -143,6 +149,41 @@ def _record_inputs(source: Source, collection: Collection, run_id: str) -> None:
                     "vision-language generator", run_id, exc.strerror or exc)
 
 
+# Stored ids are read once at the start of a run (one scan of the id column) when the collection
+# holds at most this many items; above, each batch asks for its own ids (a filtered scan).
+ID_SET_MAX = 1_000_000
+
+
+class _Writer:
+    """Accepted rows and ledger rows of finished batches, written in groups: the rows of a group
+    (one ``Collection.add``), then its ledger rows (one ``Collection.record``)."""
+
+    def __init__(self, collection: Collection, run_id: str, items: int, seconds: float):
+        self.collection, self.run_id = collection, run_id
+        self.items, self.seconds = max(1, items), seconds
+        self.records: list[dict] = []
+        self.vectors: list[np.ndarray] = []
+        self.entries: list[LedgerEntry] = []
+        self.last = time.monotonic()
+
+    def put(self, records: list[dict], vectors: np.ndarray, entries: list[LedgerEntry]) -> None:
+        if records:
+            self.records.extend(records)
+            self.vectors.append(vectors)
+        self.entries.extend(entries)
+        if len(self.records) >= self.items or time.monotonic() - self.last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        records, vectors, entries = self.records, self.vectors, self.entries
+        self.records, self.vectors, self.entries = [], [], []  # a failed write is not retried
+        self.last = time.monotonic()
+        if records:
+            self.collection.add(records, np.concatenate(vectors))
+        self.collection.record(self.run_id, entries)  # after the rows: a kill in between leaves
+        # rows without ledger rows, which a re-run records as duplicates
+
+
 def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
     """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
     config = config or IngestConfig()
@@ -162,57 +203,74 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
     with collection.write_lock():
         if config.record_inputs:
             _record_inputs(source, collection, report.run_id)
-        for batch in _batches(source, config.batch_size):
-            entries: list[LedgerEntry] = []
-            fresh: list[Item] = []
-            stored = collection.existing_ids(it.id for it in batch if isinstance(it, Item))
-            for it in batch:
-                if isinstance(it, Rejection):
-                    entries.append(LedgerEntry(it.input, "rejected", "", it.reason_code, it.reason))
-                    report.rejected[it.reason_code] += 1
-                elif it.id in stored or it.id in seen:
-                    entries.extend(_entries(it, "duplicate", "already_present",
-                                            "an item with this id is already stored; nothing added"))
-                    report.duplicates += 1
-                else:
-                    try:
-                        it.metadata = collection.coerce_metadata(it.metadata)
-                    except MetadataTypeError as exc:
-                        entries.extend(_entries(it, "rejected", "bad_metadata", str(exc)))
-                        report.rejected["bad_metadata"] += 1
-                        continue
-                    seen.add(it.id)
-                    fresh.append(it)
-            if fresh:
-                vectors = _encode(encoder, fresh)
-                good = np.isfinite(vectors).all(axis=1) & (vectors.shape[1] == collection.dim)
-                if not good.all() and config.on_bad_vectors == "error":
-                    bad = [fresh[i].input for i in np.flatnonzero(~good)]
-                    raise BadVectorError(f"encoder returned non-finite vectors for {bad}; nothing of this batch stored")
+        writer = _Writer(collection, report.run_id, config.write_items, config.write_seconds)
+        # the write lock is held until the end: nobody else adds items meanwhile, so the ids
+        # stored at the start plus those accepted since (``seen``) are all that is stored
+        n_stored = collection.count()
+        stored_at_start = set() if n_stored == 0 else collection.existing_ids() if n_stored <= ID_SET_MAX else None
+        try:
+            for batch in _batches(source, config.batch_size):
+                entries: list[LedgerEntry] = []
+                fresh: list[Item] = []
+                stored = stored_at_start if stored_at_start is not None else \
+                    collection.existing_ids(it.id for it in batch if isinstance(it, Item))
+                for it in batch:
+                    if isinstance(it, Rejection):
+                        entries.append(LedgerEntry(it.input, "rejected", "", it.reason_code, it.reason))
+                        report.rejected[it.reason_code] += 1
+                    elif it.id in stored or it.id in seen:
+                        entries.extend(_entries(it, "duplicate", "already_present",
+                                                "an item with this id is already stored; nothing added"))
+                        report.duplicates += 1
+                    else:
+                        try:
+                            it.metadata = collection.coerce_metadata(it.metadata)
+                        except MetadataTypeError as exc:
+                            entries.extend(_entries(it, "rejected", "bad_metadata", str(exc)))
+                            report.rejected["bad_metadata"] += 1
+                            continue
+                        # new columns now, not when the group is written: the next item's
+                        # metadata is coerced to them (as if each item were written at once)
+                        collection.add_metadata_columns(it.metadata)
+                        seen.add(it.id)
+                        fresh.append(it)
                 records, keep = [], []
-                for i, it in enumerate(fresh):
-                    if not good[i]:
-                        entries.extend(_entries(it, "rejected", "bad_vector",
-                                                "encoder returned a non-finite vector or one of the wrong size"))
-                        report.rejected["bad_vector"] += 1
-                        seen.discard(it.id)
-                        continue
-                    note_code, note = "", ""
-                    if limit and it.text is not None:
-                        n_tokens = encoder.count_tokens(it.text)
-                        if n_tokens and n_tokens > limit:
-                            it.provenance["truncated_from_tokens"] = n_tokens
-                            note_code, note = "truncated", f"text has {n_tokens} tokens; the encoder read the first {limit}"
-                            report.warnings["truncated"] += 1
-                    records.append({"id": it.id, "kind": it.kind, "source": it.source, "text": it.text,
-                                    "provenance": it.provenance, "metadata": it.metadata})
-                    keep.append(i)
-                    entries.extend(_entries(it, "accepted", note_code, note))
-                collection.add(records, vectors[keep])
+                vectors = None
+                if fresh:
+                    vectors = _encode(encoder, fresh)
+                    good = np.isfinite(vectors).all(axis=1) & (vectors.shape[1] == collection.dim)
+                    if not good.all() and config.on_bad_vectors == "error":
+                        bad = [fresh[i].input for i in np.flatnonzero(~good)]
+                        raise BadVectorError(f"encoder returned non-finite vectors for {bad}; nothing of this batch stored")
+                    for i, it in enumerate(fresh):
+                        if not good[i]:
+                            entries.extend(_entries(it, "rejected", "bad_vector",
+                                                    "encoder returned a non-finite vector or one of the wrong size"))
+                            report.rejected["bad_vector"] += 1
+                            seen.discard(it.id)
+                            continue
+                        note_code, note = "", ""
+                        if limit and it.text is not None:
+                            n_tokens = encoder.count_tokens(it.text)
+                            if n_tokens and n_tokens > limit:
+                                it.provenance["truncated_from_tokens"] = n_tokens
+                                note_code, note = "truncated", f"text has {n_tokens} tokens; the encoder read the first {limit}"
+                                report.warnings["truncated"] += 1
+                        records.append({"id": it.id, "kind": it.kind, "source": it.source, "text": it.text,
+                                        "provenance": it.provenance, "metadata": it.metadata})
+                        keep.append(i)
+                        entries.extend(_entries(it, "accepted", note_code, note))
+                writer.put(records, vectors[keep] if records else None, entries)
                 report.accepted += len(records)
-            collection.record(report.run_id, entries)
-            done, last_input = _inputs_done(batch, last_input)
-            bar.update(done)
+                done, last_input = _inputs_done(batch, last_input)
+                bar.update(done)
+        except BaseException:
+            try:  # keep what finished before the error (a kill cannot, a re-run redoes it)
+                writer.flush()
+            except Exception:  # the original error is the one to see
+                log.exception("ingest run %s: writing the finished batches failed", report.run_id)
+            raise
+        writer.flush()
         if report.accepted:
             collection.compact()
     bar.close()

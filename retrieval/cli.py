@@ -120,6 +120,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if isinstance(source, ImageSource) or args.dicom:
         source.secret = collection.secret()  # pseudonyms are keyed per collection
     report = ingest(source, collection, encoder, IngestConfig(batch_size=args.batch_size,
+                                                              write_items=args.write_items,
                                                               build_index=not args.no_index,
                                                               progress=not args.quiet))
     console.print(report.summary())
@@ -541,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="encoder option, repeatable (e.g. output=MobilenetV2/Logits/AvgPool)")
     s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--write-items", type=int, default=1024, metavar="N",
+                   help="items written to the collection together, or what 5 s brought (default 1024; "
+                        "fewer: less work redone after a crash, more table versions)")
     s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS index afterwards")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_ingest)

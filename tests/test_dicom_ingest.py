@@ -254,13 +254,45 @@ def test_workers_give_the_same_items_as_inline_decoding(home: Path, tmp_path: Pa
                  "rtplan.dcm", "MR_truncated.dcm", "examples_palette.dcm"):
         shutil.copy(d / name, folder / name)
     inline = [it for it in DicomSource(folder, b"k")]
-    parallel = [it for it in DicomSource(folder, b"k", DicomSourceConfig(workers=2))]
-    assert [type(x).__name__ for x in inline] == [type(x).__name__ for x in parallel]
-    assert [getattr(x, "id", getattr(x, "reason_code", None)) for x in inline] == \
-        [getattr(x, "id", getattr(x, "reason_code", None)) for x in parallel]
-    for a, b in zip(inline, parallel):
-        if isinstance(a, Item):
-            assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.metadata == b.metadata
+    # a prefetch bound of 1 byte of pixels: one decoded file waits for the consumer at a time
+    for config in (DicomSourceConfig(workers=2), DicomSourceConfig(workers=1, prefetch=2, prefetch_bytes=1)):
+        parallel = [it for it in DicomSource(folder, b"k", config)]
+        assert [type(x).__name__ for x in inline] == [type(x).__name__ for x in parallel]
+        assert [getattr(x, "id", getattr(x, "reason_code", None)) for x in inline] == \
+            [getattr(x, "id", getattr(x, "reason_code", None)) for x in parallel]
+        for a, b in zip(inline, parallel):
+            if isinstance(a, Item):
+                assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.metadata == b.metadata
+
+
+def test_prefetch_is_bounded_by_decoded_pixels_as_well_as_by_files() -> None:
+    from caselens.ingest.sources import dicom_source
+
+    d = _pydicom_dir()
+    names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_rle.dcm", "rtplan.dcm", "MR_small_RLE.dcm"] * 3
+    tasks = [(str(d / n), n, b"k", DicomOptions()) for n in names]
+    one = dicom_source._pixel_bytes(dicom_source._instance_task(*tasks[0]))
+    assert one == 128 * 128  # CT_small: one 8-bit plane
+    for window_bytes, most in ((0, (len(tasks), len(tasks))), (one, (2, 3))):
+        pulled: list[tuple] = []
+
+        def feed(pulled=pulled):
+            for t in tasks:
+                pulled.append(t)
+                yield t
+
+        results = dicom_source.ordered_map(dicom_source._instance_task, feed(), 1, window=100,
+                                           window_bytes=window_bytes)
+        got = [next(results)]
+        # no pixel budget: the whole 100-file window is handed to the worker at once; a budget of
+        # one CT_small image: 2 tasks (2 per worker) before a result is seen, then one more
+        assert len(pulled) == most[0]
+        got.append(next(results))
+        assert len(pulled) == most[1]
+        got.extend(results)
+        assert [getattr(x, "input", None) for x in got] == names
+    with pytest.raises(ValueError, match="prefetch"):
+        DicomSourceConfig(prefetch=0)
 
 
 def test_cli_ingests_an_export_folder_with_units_and_workers(home: Path, tmp_path: Path, capsys) -> None:

@@ -1,5 +1,7 @@
 """`caselens ingest` killed with SIGKILL at several points, then re-run: every accepted item
-present exactly once, every file accounted for in the final run's ledger."""
+present exactly once, every file accounted for in the final run's ledger. The killed runs write
+every 4 items (2 batches of 2), so kills land between, and during, the writes of item groups
+(rows first, then their ledger rows)."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def _versions(home: Path) -> int:
 def _run_and_kill(home: Path, export: Path, until: callable, timeout: float = 120) -> bool:
     """Start an ingest; SIGKILL it once ``until()`` holds. True when it was killed mid-run."""
     cmd = CASELENS + ["--home", str(home), "ingest", "col", "--dicom", str(export), "--batch-size", "2", "-q",
-                      "--workers", "1"]
+                      "--workers", "1", "--write-items", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     start = time.monotonic()
     try:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from caselens.errors import EncoderMismatchError, SourceError, UnsupportedModalityError
 from caselens.indexes.collection import Collection
+from caselens.ingest.items import Item
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource, TextCorpusSource, read_dicom
 from caselens.retrieval.encoders import load_encoder
@@ -112,6 +114,68 @@ def test_metadata_type_clash_rejects_row_and_keeps_others(home: Path, image_fold
     bad = next(e for e in coll.ledger(report.run_id) if e["status"] == "rejected")
     assert bad["input"] == "b.png" and "age" in bad["reason"]
     assert coll.count("age = 50") == 1 and coll.count() == 13
+
+
+class _ListSource:
+    """Image items made here (id, metadata), optionally failing before item ``fail_at``."""
+
+    kind = "image"
+
+    def __init__(self, rows: list[tuple[str, dict]], fail_at: int | None = None):
+        self.rows, self.fail_at = rows, fail_at
+
+    def estimate(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        for i, (name, meta) in enumerate(self.rows):
+            if i == self.fail_at:
+                raise RuntimeError("the export went away")
+            yield Item(id=f"id-{name}", kind="image", input=name, source=name,
+                       image=Image.new("L", (32, 32), 10 + 7 * i), metadata=dict(meta))
+
+
+def test_rows_are_written_in_groups_with_their_ledger_rows_after_them(home: Path, monkeypatch) -> None:
+    enc = load_encoder("classic")
+    coll = Collection.create("groups", enc.info.to_record(), home)
+    calls: list[tuple[str, list[str]]] = []
+    add, record = Collection.add, Collection.record
+    monkeypatch.setattr(Collection, "add", lambda self, recs, vecs: (calls.append(("add", [r["id"] for r in recs])),
+                                                                   add(self, recs, vecs))[1])
+    monkeypatch.setattr(Collection, "record", lambda self, run, entries: (calls.append(
+        ("record", [e.item_id for e in entries])), record(self, run, entries))[1])
+    rows = [(f"im{i}", {"label": "a"}) for i in range(11)]
+    report = ingest(_ListSource(rows), coll, enc, IngestConfig(batch_size=2, write_items=4, progress=False))
+    assert report.accepted == 11 and coll.count() == 11
+    # groups of whole batches, at least write_items each (the last: what was left); ledger after rows
+    assert [k for k, _ in calls] == ["add", "record"] * 3
+    assert [len(ids) for k, ids in calls if k == "add"] == [4, 4, 3]
+    assert all(calls[i][1] == calls[i + 1][1] for i in range(0, len(calls), 2))
+    assert len(coll.ledger(report.run_id)) == 11
+
+
+def test_an_error_mid_run_keeps_the_finished_batches_and_a_rerun_completes(home: Path) -> None:
+    enc = load_encoder("classic")
+    coll = Collection.create("broken", enc.info.to_record(), home)
+    rows = [(f"im{i}", {"label": "a"}) for i in range(9)]
+    config = IngestConfig(batch_size=2, write_items=100, progress=False)
+    with pytest.raises(RuntimeError, match="went away"):
+        ingest(_ListSource(rows, fail_at=7), coll, enc, config)
+    assert coll.count() == 6  # three whole batches; the one in flight is not stored
+    assert sorted(e["status"] for e in coll.ledger()) == ["accepted"] * 6
+    report = ingest(_ListSource(rows), coll, enc, config)
+    assert report.duplicates == 6 and report.accepted == 3 and coll.count() == 9
+
+
+def test_a_new_column_typed_by_an_earlier_item_of_the_same_write_group(home: Path) -> None:
+    enc = load_encoder("classic")
+    coll = Collection.create("clash", enc.info.to_record(), home)
+    rows = [("a", {"score": 5}), ("b", {"score": "high"}), ("c", {"score": 7.5})]
+    report = ingest(_ListSource(rows), coll, enc, IngestConfig(batch_size=1, progress=False))
+    assert report.accepted == 2 and dict(report.rejected) == {"bad_metadata": 1}
+    assert coll.count("score > 6") == 1
+    bad = next(e for e in coll.ledger(report.run_id) if e["status"] == "rejected")
+    assert bad["input"] == "b" and "score" in bad["reason"]
 
 
 def test_encoder_mismatch_and_modality_are_refused(home: Path, image_folder: Path, minilm) -> None:

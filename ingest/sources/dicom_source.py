@@ -12,8 +12,11 @@ Units of retrieval (:attr:`DicomSourceConfig.unit`):
 NIfTI files (``.nii``, ``.nii.gz``) are volumes in every unit: sampled and pooled the same way.
 
 Decoding runs in ``workers`` processes while the caller (the ingest pipeline) encodes, with a
-bounded number of files in flight; results come back in input order, so a re-run after a kill
-meets the same items in the same order and skips the ones already stored.
+bounded number of files in flight (:attr:`DicomSourceConfig.prefetch` files and about
+:attr:`DicomSourceConfig.prefetch_bytes` of decoded pixels ahead of the encoder: enough that the
+workers keep decoding through a run of large images the encoder is slow on); results come
+back in input order, so a re-run after a kill meets the same items in the same order and skips
+the ones already stored.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class DicomSourceConfig:
     pooling: str = "mean"  # "mean" or "maxmean" (concatenated max and mean: twice the dimension)
     workers: int = 0  # decoding processes running beside the encoder (0: decode in this process)
     worker_memory_bytes: int = 6 << 30  # address space each worker may add while decoding (0: unbounded)
+    prefetch: int = 512  # with workers: files decoded ahead of the encoder at most (plus 4 per worker)
+    prefetch_bytes: int = 2 << 30  # ... and about this many bytes of their pixels (0: no bound; see ordered_map)
     options: DicomOptions = field(default_factory=DicomOptions)  # windowing, budgets, burned-in policy
 
     def __post_init__(self) -> None:
@@ -54,6 +59,9 @@ class DicomSourceConfig:
             raise ValueError(f"slices must be at least 1, not {self.slices}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more, not {self.workers}")
+        if self.prefetch < 1 or self.prefetch_bytes < 0:
+            raise ValueError(f"prefetch must be at least 1 and prefetch_bytes 0 or more, not "
+                             f"{self.prefetch} and {self.prefetch_bytes}")
 
 
 def unit_id(digests: list[str], unit: str, slices: int, pooling: str, window: str) -> str:
@@ -127,11 +135,26 @@ def _task_failed(task: tuple, exc: BaseException) -> Rejection:
     return Rejection(str(rel), "decoder_crashed", f"the decoding process failed on this file ({type(exc).__name__})")
 
 
+def _pixel_bytes(result: Any) -> int:
+    """Bytes of decoded pixels a task result holds (an item's image and slices, a slices task's
+    images); 0 for rejections and anything else."""
+    if isinstance(result, Item):
+        images = [result.image, *(result.volume.slices if result.volume is not None else [])]
+    elif isinstance(result, tuple) and result and isinstance(result[0], list):
+        images = result[0]
+    else:
+        return 0
+    return sum(im.width * im.height * len(im.getbands()) for im in images if hasattr(im, "getbands"))
+
+
 def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, window: int = 64,
-                memory_bytes: int = 0) -> Iterator[Any]:
+                memory_bytes: int = 0, window_bytes: int = 0) -> Iterator[Any]:
     """``fn(*task)`` for each task, in order; with ``workers`` > 0 they run in that many processes,
-    at most ``window`` tasks ahead of the consumer (the encoder keeps running meanwhile). A task
-    whose worker dies gives a ``decoder_crashed`` rejection and the pool is restarted."""
+    at most ``window`` tasks ahead of the consumer (the encoder keeps running meanwhile) and, when
+    ``window_bytes`` > 0, at most as many as results the size of the largest so far fit in
+    ``window_bytes`` (so results waiting for the consumer hold about that many bytes of pixels at
+    most). A task whose worker dies gives a ``decoder_crashed`` rejection and the pool is
+    restarted."""
     if workers <= 0:
         for task in tasks:
             yield fn(*task)
@@ -146,6 +169,17 @@ def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, wi
                                    initargs=(memory_bytes,))
 
     pending: OrderedDict[int, tuple[tuple, Future]] = OrderedDict()
+    # With a pixel budget, the window holds as many tasks as results the size of the largest one
+    # taken so far fit in it (16 MiB assumed until one is seen): tasks handed to the pool are
+    # all decoded, whether or not the consumer is taking results meanwhile.
+    largest = 0
+
+    def room() -> bool:
+        cap = max(window, 2 * workers)
+        if window_bytes > 0:
+            cap = min(cap, max(2 * workers, window_bytes // (largest or 16 << 20)))
+        return len(pending) < cap
+
     restarts, max_restarts = 0, 20
     pool = new_pool()
     try:
@@ -153,7 +187,7 @@ def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, wi
         n = 0
         exhausted = False
         while True:
-            while not exhausted and len(pending) < max(window, 2 * workers):
+            while not exhausted and room():
                 try:
                     task = next(it)
                 except StopIteration:
@@ -165,19 +199,22 @@ def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, wi
                 return
             _, (task, future) = pending.popitem(last=False)
             try:
-                yield future.result()
+                result = future.result()
             except BrokenProcessPool as exc:
                 restarts += 1
                 if restarts > max_restarts:
                     raise SourceError(f"decoding processes keep dying ({restarts} times); run again with "
                                       "--workers 0 to decode in the main process") from None
-                yield _task_failed(task, exc)
+                result = _task_failed(task, exc)
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = new_pool()  # the others in flight were innocent: run them again
                 for key, (other, _) in list(pending.items()):
                     pending[key] = (other, pool.submit(fn, *other))
             except Exception as exc:  # noqa: BLE001 - a task error is a rejection of that file
-                yield _task_failed(task, exc)
+                result = _task_failed(task, exc)
+            if window_bytes > 0:
+                largest = max(largest, _pixel_bytes(result))
+            yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -229,11 +266,12 @@ class DicomSource:
             if isinstance(entry, Rejection):
                 yield entry
         files = [e for e in inputs if not isinstance(e, Rejection)]
-        window = 64 + 4 * self.config.workers
+        window = self.config.prefetch + 4 * self.config.workers
         if self.config.unit == "instance":
             volumes = [(p, r) for p, r in files if is_nifti(p)]
             tasks = ((str(p), r, self.secret, self.config.options) for p, r in files if not is_nifti(p))
-            yield from ordered_map(_instance_task, tasks, self.config.workers, window, self.config.worker_memory_bytes)
+            yield from ordered_map(_instance_task, tasks, self.config.workers, window, self.config.worker_memory_bytes,
+                                   self.config.prefetch_bytes)
             yield from self._nifti_items(volumes, 1)
             return
         yield from self._volume_items(files, window)
@@ -241,7 +279,8 @@ class DicomSource:
     # ------------------------------------------------------------ volumes
     def _nifti_items(self, volumes: list[tuple[Path, str]], n_slices: int) -> Iterator[Item | Rejection]:
         tasks = ((str(p), r, n_slices, self.config.options) for p, r in volumes)
-        results = ordered_map(_nifti_task, tasks, self.config.workers, 8, self.config.worker_memory_bytes)
+        results = ordered_map(_nifti_task, tasks, self.config.workers, 8, self.config.worker_memory_bytes,
+                              self.config.prefetch_bytes)
         for (path, rel), result in zip(volumes, results):
             if isinstance(result, Rejection):
                 yield result
@@ -295,7 +334,7 @@ class DicomSource:
             plans.append((key, groups, picks))
         tasks = ((str(h.path), h.rel, self.secret, cfg.options, frames)
                  for _, _, picks in plans for h, frames, _ in picks)
-        results = ordered_map(_slices_task, tasks, cfg.workers, window, cfg.worker_memory_bytes)
+        results = ordered_map(_slices_task, tasks, cfg.workers, window, cfg.worker_memory_bytes, cfg.prefetch_bytes)
         for key, groups, picks in plans:
             decoded = [(pick, next(results)) for pick in picks]
             yield from self._assemble(key, groups, decoded)
