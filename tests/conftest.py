@@ -79,3 +79,44 @@ def dicom_folder(tmp_path: Path, dicom_files: list[Path]) -> Path:
     for f in dicom_files:
         shutil.copy(f, folder / f.name)
     return folder
+
+
+class ChatServer:
+    """A local HTTP server speaking OpenAI's chat-completions protocol: it records each request
+    (path, Authorization header, JSON body) in ``seen`` and answers with ``reply``."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.seen: list[dict] = []
+        self.reply = "ok"
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                        "content": outer.reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def chat_server():
+    """A running :class:`ChatServer`, shut down after the test."""
+    server = ChatServer()
+    yield server
+    server.server.shutdown()

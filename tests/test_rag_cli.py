@@ -224,39 +224,14 @@ def test_gemma_generator_answers_from_package(kb: Collection) -> None:
     assert mc.choice in ("A", "B")
 
 
-def test_openai_compatible_endpoint_round_trip(kb: Collection) -> None:
+def test_openai_compatible_endpoint_round_trip(kb: Collection, chat_server) -> None:
     """A local HTTP server speaking the chat-completions protocol answers through the real client."""
-    import http.server
-    import threading
+    from caselens.retrieval.rag.generators import OpenAIChatGenerator
 
-    seen: list[dict] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            reply = {"choices": [{"index": 0, "message": {"role": "assistant",
-                                                           "content": "Asthma is a chronic disease of the airways [doc:asthma]."}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        from caselens.retrieval.rag.generators import OpenAIChatGenerator
-
-        gen = OpenAIChatGenerator(f"http://127.0.0.1:{server.server_port}/v1", model="tiny", api_key="sk-test")
-        answer = ask(kb, "What is asthma?", generator=gen, config=AskConfig(k=2))
-    finally:
-        server.shutdown()
+    chat_server.reply = "Asthma is a chronic disease of the airways [doc:asthma]."
+    gen = OpenAIChatGenerator(chat_server.url, model="tiny", api_key="sk-test")
+    answer = ask(kb, "What is asthma?", generator=gen, config=AskConfig(k=2))
+    seen = chat_server.seen
     assert answer.answer == "Asthma is a chronic disease of the airways [doc:asthma]." and answer.grounded
     request = seen[0]
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"

@@ -210,39 +210,18 @@ def test_pdf_pages_and_chunk_pages_are_rendered(home: Path, tmp_path: Path, clas
     assert not cache_dir(kb).exists()
 
 
-def test_openai_endpoint_receives_the_case_image_as_a_data_url(home: Path, tmp_path: Path, classic) -> None:
-    import http.server
-    import threading
+def test_openai_endpoint_receives_the_case_image_as_a_data_url(home: Path, tmp_path: Path, classic,
+                                                               chat_server) -> None:
 
     from caselens.retrieval.rag.generators import OpenAIChatGenerator
 
     folder = make_images(tmp_path / "images", n_per_class=2)
     cases = _cases(home, folder, classic)
-    seen: list[dict] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
-                                                                    "content": "Stripes."}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        gen = OpenAIChatGenerator(f"http://127.0.0.1:{server.server_port}/v1", model="tiny-vlm")
-        answer = ask([], "What is shown?", generator=gen, cases=cases, image=folder / "stripes_1.png",
-                     config=AskConfig(k_cases=1, min_score=-1.0, require_citations=False))
-    finally:
-        server.shutdown()
+    chat_server.reply = "Stripes."
+    gen = OpenAIChatGenerator(chat_server.url, model="tiny-vlm")
+    answer = ask([], "What is shown?", generator=gen, cases=cases, image=folder / "stripes_1.png",
+                 config=AskConfig(k_cases=1, min_score=-1.0, require_citations=False))
+    seen = [r["body"] for r in chat_server.seen]
     assert answer.answer == "Stripes."
     content = seen[0]["messages"][-1]["content"]
     labels = [c["text"] for c in content if c["type"] == "text"]
