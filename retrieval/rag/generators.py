@@ -21,6 +21,7 @@ for small base models); chat endpoints answer in text and the letter is parsed.
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import logging
 import mimetypes
@@ -123,6 +124,9 @@ class TransformersGenerator:
         self.tokenizer, self.model = self._load(source)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
+        # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+        self._cache_arg = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
+                           else "past_key_values")
         self.name = name or f"{self.kind} {source}"
         # Multiple choice: subtract each option's score under a content-free prompt (question "N/A",
         # same options, no sources) from its real score, removing the model's prior for an option
@@ -166,11 +170,7 @@ class TransformersGenerator:
         The prefix is run once; each option continues from a copy of its key/value cache.
         """
         import copy
-        import inspect
-
         torch = self._torch
-        # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name goes in 5.40).
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         scores = {}
         with torch.no_grad():
             out = self.model(**prefix, use_cache=True)
@@ -181,7 +181,7 @@ class TransformersGenerator:
                                       return_tensors="pt")["input_ids"].to(self.device)[:, :64]
                 total = first[cont[0, 0]]
                 if cont.shape[1] > 1:
-                    rest = self.model(input_ids=cont, **{cache_arg: copy.deepcopy(cache)}, use_cache=True)
+                    rest = self.model(input_ids=cont, **{self._cache_arg: copy.deepcopy(cache)}, use_cache=True)
                     logp = torch.log_softmax(rest.logits[0, :-1].float(), dim=-1)
                     total = total + logp.gather(1, cont[0, 1:, None]).sum()
                 scores[letter] = float(total) / cont.shape[1]

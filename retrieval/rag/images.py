@@ -104,6 +104,16 @@ def item_images(collection: Any, hits: Sequence[Any], pages: bool = True) -> lis
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _not_found(item_id: str, changed: bool, what: str) -> None:
+    """Log why item ``item_id`` has no image: its ``what`` (input file / series files) changed since
+    ingest (a warning: the user may want to re-ingest), or was not found (debug). Returns None."""
+    if changed:
+        log.warning("no image for item %s: its %s changed since it was ingested (content hash differs); "
+                    "re-ingest to show it to a vision-language generator", item_id, what)
+    else:
+        log.debug("no image for item %s: its %s not found under a recorded input root", item_id, what)
+
+
 def _burned_in(hit: Any) -> bool:
     return str((hit.metadata or {}).get("burned_in_annotation") or "").strip().upper() == "YES"
 
@@ -208,12 +218,7 @@ class _Resolver:
             if (sha is None or digest == sha) and (not same_id or content_id(digest) == hit.id):
                 return path, run
             changed = True
-        if changed:
-            log.warning("no image for item %s: its input file changed since it was ingested (content hash "
-                        "differs); re-ingest it to show it to a vision-language generator", hit.id)
-        else:
-            log.debug("no image for item %s: its input file was not found under a recorded input root", hit.id)
-        return None
+        return _not_found(hit.id, changed, "input file")
 
     def _cache(self, hit: Any, image: Image.Image) -> str:
         folder = cache_dir(self.collection)
@@ -302,12 +307,7 @@ class _Resolver:
             frames = [int(frame)] if isinstance(frame, int) else "middle"
             images, _, _ = decode_frames(root / rel, b"", options, frames)
             return self._cache(hit, images[0])
-        if changed:
-            log.warning("no image for item %s: its input files changed since it was ingested (content hashes "
-                        "differ); re-ingest them to show it to a vision-language generator", hit.id)
-        else:
-            log.debug("no image for item %s: its series files were not found under a recorded input root", hit.id)
-        return None
+        return _not_found(hit.id, changed, "series files")
 
     def _nifti(self, hit: Any, prov: dict[str, Any]) -> str | None:
         from caselens.ingest.sources.dicom import WINDOW_PRESETS
