@@ -59,7 +59,7 @@ from rich.table import Table
 from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, IngestReport, ingest
 from caselens.ingest.sources.image_folder import ImageSource
-from caselens.retrieval.encoders import Encoder, load_encoder
+from caselens.ingest.encoders import Encoder, load_encoder
 from caselens.retrieval.eval.retrieval_eval import RetrievalEval, evaluate_retrieval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

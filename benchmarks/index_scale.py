@@ -482,7 +482,7 @@ def real(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from caselens.indexes.collection import Collection
     from caselens.ingest.pipeline import IngestConfig, ingest
     from caselens.ingest.sources import ImageSource
-    from caselens.retrieval.encoders import load_encoder
+    from caselens.ingest.encoders import load_encoder
 
     root = Path(args.data_root) / "images"
     if not root.is_dir():

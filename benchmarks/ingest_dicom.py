@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from caselens.ingest.items import Item
     from caselens.ingest.pipeline import IngestConfig, ingest
     from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
-    from caselens.retrieval.encoders import load_encoder
+    from caselens.ingest.encoders import load_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="caselens-bench-dicom-"))
     try:

@@ -56,8 +56,8 @@ from caselens.ingest.chunking import chunker_for  # noqa: E402
 from caselens.ingest.items import Item, Rejection  # noqa: E402
 from caselens.ingest.pipeline import IngestConfig, ingest  # noqa: E402
 from caselens.ingest.sources import PdfOptions, PdfSource, TextCorpusSource  # noqa: E402
-from caselens.retrieval.encoders import load_encoder  # noqa: E402
-from caselens.retrieval.encoders.text import DEFAULT_TEXT_ENCODER  # noqa: E402
+from caselens.ingest.encoders import load_encoder  # noqa: E402
+from caselens.ingest.encoders.text import DEFAULT_TEXT_ENCODER  # noqa: E402
 from caselens.retrieval.fusion import TextRanker  # noqa: E402
 from caselens.retrieval.search import MODES, search  # noqa: E402
 

@@ -27,7 +27,7 @@ from caselens.errors import BadVectorError, UnsupportedModalityError
 from caselens.indexes.collection import Collection, LedgerEntry, MetadataTypeError
 from caselens.indexes.faiss_index import IndexStamp
 from caselens.ingest.items import Item, Rejection, Source
-from caselens.retrieval.encoders.base import Encoder
+from caselens.ingest.encoders.base import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -60,8 +60,8 @@ def _chunker(args: argparse.Namespace, encoder: Any, existing: Collection | None
 def cmd_ingest(args: argparse.Namespace) -> int:
     from caselens.ingest.pipeline import IngestConfig, ingest
     from caselens.ingest.sources import ImageSource, TextCorpusSource
-    from caselens.retrieval.encoders import load_encoder, load_from_record
-    from caselens.retrieval.encoders.text import DEFAULT_TEXT_ENCODER
+    from caselens.ingest.encoders import load_encoder, load_from_record
+    from caselens.ingest.encoders.text import DEFAULT_TEXT_ENCODER
 
     given = [x for x in (args.images, args.manifest, args.dicom, args.text, args.pdf) if x]
     if not given:
@@ -469,7 +469,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
-    from caselens.retrieval.encoders import available
+    from caselens.ingest.encoders import available
 
     for scheme, summary in available().items():
         console.print(f"[bold]{scheme}[/]: {summary}")

@@ -112,8 +112,8 @@ def run_demo(home: Path, generator: str = "auto") -> int:
     from caselens.ingest.pipeline import IngestConfig, ingest
     from caselens.ingest.sources import ImageSource, TextCorpusSource
     from caselens.retrieval.cli import _hits_table
-    from caselens.retrieval.encoders import Encoder, load_encoder
-    from caselens.retrieval.encoders.text import DEFAULT_TEXT_ENCODER
+    from caselens.ingest.encoders import Encoder, load_encoder
+    from caselens.ingest.encoders.text import DEFAULT_TEXT_ENCODER
     from caselens.retrieval.rag import ask
     from caselens.retrieval.search import collection_encoder, search
 

@@ -41,7 +41,7 @@ class CrossEncoderReranker:
     def __init__(self, path: str, batch_size: int = 32, device: str | None = None):
         from sentence_transformers import CrossEncoder
 
-        from caselens.retrieval.encoders.base import best_device
+        from caselens.ingest.encoders.base import best_device
 
         self.model = CrossEncoder(path, device=device or best_device(), local_files_only=True)
         self.batch_size = batch_size

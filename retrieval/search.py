@@ -24,7 +24,7 @@ from caselens.indexes import faiss_index
 from caselens.indexes.faiss_index import search_index
 from caselens.ingest.items import Item, Rejection
 from caselens.ingest.sources.image_folder import ImageSource
-from caselens.retrieval.encoders import Encoder, load_from_record
+from caselens.ingest.encoders import Encoder, load_from_record
 
 EXACT_BELOW = 50_000  # with an HNSW index, filtered candidate sets up to this size are ranked exactly
 

@@ -27,7 +27,7 @@ def needs_shared(path: Path) -> pytest.MarkDecorator:
 @pytest.fixture(scope="session")
 def minilm():
     """The packaged all-MiniLM-L6-v2 encoder, loaded once."""
-    from caselens.retrieval.encoders import load_encoder
+    from caselens.ingest.encoders import load_encoder
 
     return load_encoder("sentence-transformers:all-MiniLM-L6-v2")
 

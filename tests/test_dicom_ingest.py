@@ -19,7 +19,7 @@ from caselens.ingest.sources.dicom import WINDOW_PRESETS, DicomOptions, decode_f
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 from caselens.ingest.volumes import pool, sample_indices
 from caselens.retrieval.cli import main
-from caselens.retrieval.encoders import load_encoder
+from caselens.ingest.encoders import load_encoder
 
 from conftest import SHARED_DATA, needs_shared
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from caselens.errors import EncoderOptionError, UnknownEncoderError, UnsupportedModalityError
-from caselens.retrieval.encoders import available, load_encoder, load_from_record, register, registry
+from caselens.ingest.encoders import available, load_encoder, load_from_record, register, registry
 from conftest import SHARED_DATA, SHARED_MODELS, needs_shared
 
 # --------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def _tiny_cross_encoder(folder: Path) -> Path:
     """A randomly initialised BERT cross-encoder saved locally, with MiniLM's packaged vocabulary."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from caselens.retrieval.encoders.text import packaged_minilm_path
+    from caselens.ingest.encoders.text import packaged_minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,

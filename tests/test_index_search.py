@@ -14,7 +14,7 @@ from caselens.indexes import faiss_index
 from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource
-from caselens.retrieval.encoders import load_encoder
+from caselens.ingest.encoders import load_encoder
 from caselens.retrieval.search import search, search_vector
 
 

@@ -15,7 +15,7 @@ from caselens.indexes.collection import Collection
 from caselens.ingest.items import Item
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource, TextCorpusSource, read_dicom
-from caselens.retrieval.encoders import load_encoder
+from caselens.ingest.encoders import load_encoder
 
 QUIET = IngestConfig(progress=False)
 

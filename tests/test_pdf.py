@@ -14,7 +14,7 @@ from caselens.ingest.chunking import chunker_for
 from caselens.ingest.items import Item, Rejection
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources.pdf import PdfOptions, PdfSource, clean_page_text
-from caselens.retrieval.encoders import load_encoder
+from caselens.ingest.encoders import load_encoder
 from caselens.retrieval.search import search
 
 from conftest import SHARED_DATA, needs_shared

@@ -156,7 +156,7 @@ def test_deidentified_case_context_has_no_phi(home: Path, tmp_path: Path, kb: Co
     folder.mkdir()
     ds.save_as(folder / "case.dcm")
     from caselens.ingest.sources import ImageSource
-    from caselens.retrieval.encoders import load_encoder
+    from caselens.ingest.encoders import load_encoder
 
     enc = load_encoder("classic")
     cases = Collection.create("cases", enc.info.to_record(), home)

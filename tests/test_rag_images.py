@@ -21,7 +21,7 @@ from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource, PdfOptions, PdfSource
 from caselens.ingest.sources.dicom import DicomOptions, decode_frames, read_dicom
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
-from caselens.retrieval.encoders import load_encoder
+from caselens.ingest.encoders import load_encoder
 from caselens.retrieval.rag import AskConfig, ask, retrieve_context
 from caselens.retrieval.rag.images import cache_dir, item_images
 from caselens.retrieval.search import search

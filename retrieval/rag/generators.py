@@ -117,7 +117,7 @@ class TransformersGenerator:
     def __init__(self, source: str, name: str | None = None, device: str | None = None, calibrate: bool = False):
         import torch
 
-        from caselens.retrieval.encoders.base import quiet_transformers
+        from caselens.ingest.encoders.base import quiet_transformers
 
         quiet_transformers()
         self._torch = torch
@@ -315,7 +315,7 @@ class GemmaGenerator(TransformersGenerator):
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from caselens.retrieval.encoders.base import quiet_transformers
+        from caselens.ingest.encoders.base import quiet_transformers
 
         quiet_transformers()
         start = time.perf_counter()

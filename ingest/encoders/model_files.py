@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image
 
 from caselens.errors import EncoderOptionError
-from caselens.retrieval.encoders.base import (Encoder, EncoderInfo, file_sha256, fingerprint, l2_normalize,
+from caselens.ingest.encoders.base import (Encoder, EncoderInfo, file_sha256, fingerprint, l2_normalize,
                                               take_options, to_rgb)
-from caselens.retrieval.encoders.registry import register
+from caselens.ingest.encoders.registry import register
 
 _PREPROCESS_OPTIONS: dict[str, tuple[type, Any]] = {
     "input_size": (int, 224), "crop": (str, "center"), "mean": (list, [0.0, 0.0, 0.0]),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from caselens.errors import UnknownEncoderError
-from caselens.retrieval.encoders.base import Encoder
+from caselens.ingest.encoders.base import Encoder
 
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 Loader = Callable[[str, dict[str, Any]], Encoder]
@@ -88,4 +88,4 @@ def load_from_record(record: dict[str, Any]) -> Encoder:
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators once.
-    from caselens.retrieval.encoders import classic, model_files, open_clip_encoder, text  # noqa: F401
+    from caselens.ingest.encoders import classic, model_files, open_clip_encoder, text  # noqa: F401

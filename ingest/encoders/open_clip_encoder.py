@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from caselens.errors import EncoderOptionError
-from caselens.retrieval.encoders.base import (Encoder, EncoderInfo, best_device, fingerprint, l2_normalize,
+from caselens.ingest.encoders.base import (Encoder, EncoderInfo, best_device, fingerprint, l2_normalize,
                                               take_options, to_rgb, torch_weights_sha256)
-from caselens.retrieval.encoders.registry import register
+from caselens.ingest.encoders.registry import register
 
 
 class OpenClipEncoder(Encoder):

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from caselens.retrieval.encoders.base import (Encoder, EncoderInfo, best_device, fingerprint, l2_normalize,
+from caselens.ingest.encoders.base import (Encoder, EncoderInfo, best_device, fingerprint, l2_normalize,
                                               quiet_transformers, take_options, torch_weights_sha256)
-from caselens.retrieval.encoders.registry import register
+from caselens.ingest.encoders.registry import register
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers:all-MiniLM-L6-v2"
 _PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}

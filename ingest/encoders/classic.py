@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from caselens.errors import EncoderOptionError
-from caselens.retrieval.encoders.base import Encoder, EncoderInfo, fingerprint, l2_normalize, take_options, to_rgb
-from caselens.retrieval.encoders.registry import register
+from caselens.ingest.encoders.base import Encoder, EncoderInfo, fingerprint, l2_normalize, take_options, to_rgb
+from caselens.ingest.encoders.registry import register
 
 CLASSIC_VERSION = 1  # bump whenever the descriptor changes: it is part of the fingerprint
 _LBP_OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1)]
