@@ -193,7 +193,7 @@ def bench_pdfs(pdf_dir: Path, pages_gold: Path, encoder: Any, home: Path) -> dic
     for mode in MODES:
         h1 = h5 = 0
         for (pdf, label), title in captions.items():
-            found = [doc_page[r] for _, r in ranker.rank(title, 5, mode)]
+            found = [doc_page[r] for _, r in ranker.rank(title, 5, mode)[0]]
             h1 += found[:1] == [(pdf, gold[(pdf, label)])]
             h5 += (pdf, gold[(pdf, label)]) in found
         scores[mode] = {"hit@1": round(h1 / len(captions), 3), "hit@5": round(h5 / len(captions), 3)}

@@ -66,7 +66,7 @@ def diagnose(coll: Collection, questions: Path, k: int = 10) -> dict[str, Any]:
         vecs = encoder.encode_queries([q for q, _ in qs])
         found: dict[str, list[bool]] = {}
         for mode in ("bm25", "dense", "hybrid"):
-            found[mode] = [bool(g & set(_dedupe([r for _, r in ranker.rank(q, 300, mode, vector=vecs[i])],
+            found[mode] = [bool(g & set(_dedupe([r for _, r in ranker.rank(q, 300, mode, vector=vecs[i])[0]],
                                                 doc_of, k)))
                            for i, (q, g) in enumerate(qs)]
         pair = lambda a, b: sum(x and not y for x, y in zip(found[a], found[b]))  # noqa: E731

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class CaselensError(Exception):
-    """Base class of every caselens error."""
+    """Base class of every caselens error. ``exit_code`` is the command line's exit status for it:
+    2 for what the user can fix in the command (a name, an option, an input), 3 for a failure at
+    run time (damaged files, an unreachable endpoint)."""
+
+    exit_code = 2
 
 
 class CollectionNotFoundError(CaselensError, KeyError):
@@ -36,9 +40,13 @@ class UnsupportedModalityError(CaselensError, ValueError):
 class BadVectorError(CaselensError, ValueError):
     """An embedding that is not finite or has the wrong dimension."""
 
+    exit_code = 3
+
 
 class IndexIntegrityError(CaselensError, ValueError):
     """A FAISS index file whose checksum or stamp does not match."""
+
+    exit_code = 3
 
 
 class QueryError(CaselensError, ValueError):
@@ -47,3 +55,13 @@ class QueryError(CaselensError, ValueError):
 
 class SourceError(CaselensError, ValueError):
     """A source (folder, manifest, corpus) that cannot be read at all."""
+
+
+class PseudonymKeyError(CaselensError, ValueError):
+    """A pseudonym key that is missing, empty or damaged (pseudonyms need the collection's own key)."""
+
+    exit_code = 3
+
+
+class ConfigError(CaselensError, ValueError):
+    """A setting (a name, an option, a configuration field) that cannot work; says which and why."""

@@ -1,4 +1,5 @@
-"""File helpers shared by the ingest, index and encoder layers: content hashes and atomic writes."""
+"""File helpers shared by the ingest, index and encoder layers: where collections live, content
+hashes and atomic writes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+
+def default_home() -> Path:
+    """Where collections live: ``$CASELENS_HOME`` or ``./caselens-data``."""
+    return Path(os.environ.get("CASELENS_HOME", "caselens-data")).expanduser()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -28,7 +33,7 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes | np.ndarray) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview | Any) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part:
     a temporary file in the same folder, fsynced, renamed over ``path``, then the folder fsynced.
     A writer killed midway leaves only a ``.<name>.*.tmp`` file behind."""

@@ -33,7 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from caselens.errors import EncoderMismatchError, IndexIntegrityError
+from caselens.errors import ConfigError, EncoderMismatchError, IndexIntegrityError
 from caselens.files import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -130,18 +130,18 @@ def empty_index(factory: str, dim: int) -> faiss.Index:
         try:
             m = int(factory[4:] or 32)
         except ValueError:
-            raise ValueError(f"unknown index factory {factory!r}; HNSW takes a number: 'HNSW32'") from None
+            raise ConfigError(f"unknown index factory {factory!r}; HNSW takes a number: 'HNSW32'") from None
         inner = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = 80
         inner.hnsw.efSearch = 128
         return faiss.IndexIDMap2(inner)
     if factory_lists(factory) <= 0:
-        raise ValueError(f"unknown index factory {factory!r}; use 'Flat', 'HNSW<M>' or an IVF factory such "
+        raise ConfigError(f"unknown index factory {factory!r}; use 'Flat', 'HNSW<M>' or an IVF factory such "
                          "as 'IVF1024,Flat', 'IVF1024,SQ8', 'IVF1024,PQ64' or 'OPQ64_256,IVF1024,PQ64'")
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ValueError(f"FAISS cannot build {factory!r} for dimension {dim}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"FAISS cannot build {factory!r} for dimension {dim}: {str(exc).splitlines()[0]}") from None
     outer = faiss.downcast_index(index)
     if isinstance(outer, faiss.IndexPreTransform):  # OPQ: 16 rotations refine as well as 50, 3x sooner
         for i in range(outer.chain.size()):
@@ -181,7 +181,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str | None = None
         sample = train_sample(len(vectors), factory, seed, exclude_from_training)
         lists = factory_lists(factory)
         if len(sample) < lists:
-            raise ValueError(f"{factory} needs at least {lists} vectors to train, the collection has {len(vectors)}")
+            raise ConfigError(f"{factory} needs at least {lists} vectors to train, the collection has {len(vectors)}")
         device.train(np.ascontiguousarray(vectors[sample]))
     add_vectors(device, vectors, ids, progress)
     return to_host(device, on_gpu), factory
@@ -378,6 +378,7 @@ def load_index(folder: Path, encoder_fingerprint: str, *, mmap: bool = False, ca
         hit = _CACHE.get(folder, stamp)
         if hit is not None:
             return hit, stamp
+    before = file_key(path)  # a writer may rename a new file into place while this one is read
     if sha256_file(path) != stamp.checksum:
         raise IndexIntegrityError(f"FAISS index {path} does not match the checksum in its stamp; "
                                   "it is damaged and will be rebuilt from the table")
@@ -386,6 +387,8 @@ def load_index(folder: Path, encoder_fingerprint: str, *, mmap: bool = False, ca
         index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise IndexIntegrityError(f"FAISS cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if file_key(path) != before:
+        raise IndexIntegrityError(f"FAISS index {path} was replaced while it was read")
     if index.ntotal != stamp.ntotal or index.d != stamp.dim:
         raise IndexIntegrityError(f"FAISS index {path} holds {index.ntotal}x{index.d}, stamp says "
                                   f"{stamp.ntotal}x{stamp.dim}")

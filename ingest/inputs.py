@@ -3,7 +3,7 @@
 Items store their source relative to the input folder (image folder or manifest folder, DICOM
 export root, PDF folder), so no absolute path, which could name a patient or a site, ever
 becomes an index column or a search result. To find the file again later (to show a retrieved
-case or page to a vision-language generator, :mod:`caselens.retrieval.rag.images`), each run
+case or page to a vision-language generator, :mod:`caselens.retrieval.images`), each run
 records its absolute input root, and the reading options that shape the pixels (DICOM window,
 PDF resolution), in this small JSON file inside the collection folder::
 
@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from caselens.files import atomic_write_bytes
+from caselens.indexes.layout import Layout
 
 log = logging.getLogger(__name__)
 
-INPUTS_FILE = "inputs.json"
 VERSION = 1
 
 
 def inputs_path(collection_root: Path) -> Path:
     """The inputs file of the collection at ``collection_root``."""
-    return Path(collection_root) / INPUTS_FILE
+    return Layout(Path(collection_root)).inputs_file
 
 
 def read_runs(collection_root: Path) -> dict[str, dict[str, Any]]:

@@ -23,11 +23,12 @@ from typing import Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from caselens.errors import BadVectorError, UnsupportedModalityError
+from caselens.errors import BadVectorError, ConfigError, UnsupportedModalityError
+from caselens.indexes import derived
 from caselens.indexes.collection import Collection, LedgerEntry, MetadataTypeError
 from caselens.indexes.faiss_index import IndexStamp
-from caselens.ingest.items import Item, Rejection, Source
 from caselens.ingest.encoders.base import Encoder
+from caselens.ingest.items import Item, Rejection, Source
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class IngestConfig:
     write_items: int = 1024  # items buffered before they are written (one table version per write)
     write_seconds: float = 5.0  # ... or this long after the previous write, whichever comes first
     on_bad_vectors: str = "reject"  # "reject": record the item as rejected; "error": stop the run
-    build_index: bool = True  # refresh the FAISS index after writing
+    build_index: bool = True  # refresh the derived indexes (FAISS, BM25) after writing
+    refresh_every: int = 50_000  # ... and during the run, each time this many items were written since
     progress: bool = True  # show a progress bar
     record_inputs: bool = True  # note the run's absolute input root in <collection>/inputs.json (see ingest.inputs)
 
@@ -60,13 +62,14 @@ class IngestReport:
     total_items: int = 0  # items in the collection after the run
     index: IndexStamp | None = None  # FAISS index stamp after the run
     seconds: float = 0.0  # wall time
+    notes: list[str] = field(default_factory=list)  # what the user should know (collection created, chunking, ...)
 
     @property
     def ledger_path(self) -> Path:
         return self.root / "lance" / "ledger.lance"
 
     def summary(self) -> str:
-        lines = [f"ingest run {self.run_id} into '{self.collection}': {self.accepted} accepted, "
+        lines = [*self.notes, f"ingest run {self.run_id} into '{self.collection}': {self.accepted} accepted, "
                  f"{self.duplicates} already present, {sum(self.rejected.values())} rejected "
                  f"in {self.seconds:.1f}s"]
         for code, n in sorted(self.rejected.items()):
@@ -160,6 +163,7 @@ class _Writer:
 
     def __init__(self, collection: Collection, run_id: str, items: int, seconds: float):
         self.collection, self.run_id = collection, run_id
+        self.written = 0  # items written by this writer
         self.items, self.seconds = max(1, items), seconds
         self.records: list[dict] = []
         self.vectors: list[np.ndarray] = []
@@ -180,6 +184,7 @@ class _Writer:
         self.last = time.monotonic()
         if records:
             self.collection.add(records, np.concatenate(vectors))
+            self.written += len(records)
         self.collection.record(self.run_id, entries)  # after the rows: a kill in between leaves
         # rows without ledger rows, which a re-run records as duplicates
 
@@ -188,7 +193,7 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
     """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
     config = config or IngestConfig()
     if config.on_bad_vectors not in ("reject", "error"):
-        raise ValueError(f"on_bad_vectors must be 'reject' or 'error', not {config.on_bad_vectors!r}")
+        raise ConfigError(f"on_bad_vectors must be 'reject' or 'error', not {config.on_bad_vectors!r}")
     collection.check_encoder(encoder.info.to_record())
     if source.kind not in encoder.info.modalities:
         raise UnsupportedModalityError(
@@ -200,7 +205,8 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
     seen: set[str] = set()
     last_input: str | None = None  # the input of the batch's last item: chunks of one row may span batches
     bar = tqdm(total=source.estimate(), unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
-    with collection.write_lock():
+    refreshed_at = 0  # items written when the derived indexes were last refreshed
+    with collection.lock.hold():
         if config.record_inputs:
             _record_inputs(source, collection, report.run_id)
         writer = _Writer(collection, report.run_id, config.write_items, config.write_seconds)
@@ -261,6 +267,9 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                         keep.append(i)
                         entries.extend(_entries(it, "accepted", note_code, note))
                 writer.put(records, vectors[keep] if records else None, entries)
+                if config.build_index and writer.written - refreshed_at >= config.refresh_every:
+                    derived.refresh(collection)  # readers rank rows newer than the index exactly: keep them few
+                    refreshed_at = writer.written
                 report.accepted += len(records)
                 done, last_input = _inputs_done(batch, last_input)
                 bar.update(done)
@@ -273,9 +282,9 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         writer.flush()
         if report.accepted:
             collection.compact()
+        if config.build_index:
+            report.index, _ = derived.refresh_all(collection, progress=config.progress)
     bar.close()
-    if config.build_index:
-        report.index = collection.build_index()
     report.table_version = collection.version
     report.total_items = collection.count()
     report.seconds = time.perf_counter() - start

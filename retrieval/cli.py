@@ -1,7 +1,14 @@
-"""The ``caselens`` command: a thin layer over the library functions.
+"""The ``caselens`` command: a thin shell over the library (:mod:`caselens.api` and the functions
+it uses). It parses arguments, calls one library function per command and prints the result;
+it decides nothing on its own.
 
-Every command prints what it did and where; errors print one line naming the input and the
-reason, and exit with status 2.
+Every command prints what it did and where. Exit status: 0 success, 1 problems found (``verify``)
+or nothing stored (``ingest``), 2 a usage error (a name, an option or an input to fix; one line
+names it and the reason), 3 a failure at run time (damaged files, a full disk, an unreachable
+endpoint), 70 a bug in caselens (the traceback is printed: please report it).
+
+Heavy modules (LanceDB, FAISS, torch) are imported by the commands that use them, so that
+``caselens --help`` starts at once.
 """
 
 from __future__ import annotations
@@ -9,262 +16,160 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from rich.console import Console
-from rich.table import Table
-
 from caselens import __version__
-from caselens.errors import CaselensError, SourceError, UnsupportedModalityError
-from caselens.indexes.collection import Collection, default_home, list_collections
+from caselens.files import default_home
+from caselens.retrieval.tables import hits_table, short_id, table
 
-console = Console()
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_RUNTIME, EXIT_BUG = 0, 1, 2, 3, 70
+_CONSOLE: Any = None
 
 
-def _encoder_options(pairs: Sequence[str]) -> dict[str, str]:
+def console() -> Any:
+    """The rich console commands print to (made on first use)."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        _CONSOLE = Console()
+    return _CONSOLE
+
+
+def say(text: str) -> None:
+    """Print plain text (no markup, no highlighting: values may hold brackets)."""
+    console().print(text, markup=False, highlight=False)
+
+
+def _options(pairs: Sequence[str], flag: str) -> dict[str, str]:
+    from caselens.errors import ConfigError
+
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SourceError(f"--encoder-opt {pair!r}: write it as KEY=VALUE")
+            raise ConfigError(f"{flag} {pair!r}: write it as KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
 
 
-def _open(args: argparse.Namespace) -> Collection:
-    return Collection.open(args.collection, args.home)
+def _collection(args: argparse.Namespace, name: str | None = None) -> Any:
+    import caselens
+
+    return caselens.open(name or args.collection, args.home)
+
+
+def _write_json_out(path: str | None, text: str) -> None:
+    if path:
+        from caselens.files import atomic_write_bytes
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(path), text.encode())
+        say(f"wrote {path}")
 
 
 # ------------------------------------------------------------------ ingest
-def _chunker(args: argparse.Namespace, encoder: Any, existing: Collection | None) -> Any:
-    """The chunker for a text ingest: the encoder's tokenizer, size/overlap from the options or, for
-    an existing collection, the ones it was chunked with (a different setting is refused)."""
-    from caselens.ingest.chunking import ChunkingError, chunker_for, stored_chunking
-
-    stored = stored_chunking(existing) if existing is not None else None
-    size = args.chunk_tokens if args.chunk_tokens is not None else (stored or {}).get("max_tokens")
-    overlap = args.chunk_overlap if args.chunk_overlap is not None else (stored or {}).get("overlap", 32)
-    chunker = chunker_for(encoder, size, overlap)
-    if stored and chunker is not None and chunker.config.to_record() != stored:
-        raise ChunkingError(f"collection {existing.name!r} was chunked with {stored}; ingest with the same "
-                            "--chunk-tokens/--chunk-overlap, or into a new collection")
-    if chunker is not None:
-        console.print(f"chunks: at most {chunker.config.max_tokens} tokens of {encoder.info.spec}'s tokenizer, "
-                      f"overlap {chunker.config.overlap}")
-    return chunker
-
-
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from caselens.ingest.pipeline import IngestConfig, ingest
-    from caselens.ingest.sources import ImageSource, TextCorpusSource
-    from caselens.ingest.encoders import load_encoder, load_from_record
-    from caselens.ingest.encoders.text import DEFAULT_TEXT_ENCODER
+    import caselens
 
-    given = [x for x in (args.images, args.manifest, args.dicom, args.text, args.pdf) if x]
-    if not given:
-        raise SourceError("say what to ingest: --images DIR [--manifest CSV], --dicom FILE..., --text FILE "
-                          "or --pdf FILE_OR_DIR")
-    if len([x for x in ((args.images or args.manifest or args.dicom), args.text, args.pdf) if x]) > 1:
-        raise SourceError("ingest images, text corpora and PDFs in separate runs (one run, one source)")
-    exists = Collection.exists(args.collection, args.home)
-    encoder = None
-    if args.encoder:
-        encoder = load_encoder(args.encoder, _encoder_options(args.encoder_opt))
-    elif exists:
-        encoder = load_from_record(Collection.open(args.collection, args.home).encoder)
-    if args.pdf and args.pdf_items is None:  # text chunks for text encoders, page images for image encoders
-        args.pdf_items = "pages" if encoder is not None and "text" not in encoder.info.modalities else "chunks"
-    kind = "text" if args.text or (args.pdf and args.pdf_items == "chunks") else "image"
-    if encoder is None:
-        encoder = load_encoder("classic" if kind == "image" else DEFAULT_TEXT_ENCODER)
-    if kind not in encoder.info.modalities:  # refuse before a collection is created
-        raise UnsupportedModalityError(f"encoder {encoder.info.spec} cannot embed {kind} items")
-    chunker = _chunker(args, encoder, Collection.open(args.collection, args.home) if exists else None) \
-        if kind == "text" else None
-    if args.text and Path(args.text).expanduser().is_dir():
-        from caselens.ingest.sources.text_folder import TextFolderSource
-
-        source: Any = TextFolderSource(Path(args.text), chunker=chunker)
-    elif args.text:
-        source = TextCorpusSource(Path(args.text), args.id_field, args.text_field, limit=args.limit,
-                                  chunker=chunker)
-    elif args.pdf:
-        from caselens.ingest.sources.pdf import PdfOptions, PdfSource
-
-        source = PdfSource(Path(args.pdf), PdfOptions(items=args.pdf_items, dpi=args.dpi, ocr=not args.no_ocr),
-                           chunker=chunker)
-    elif args.dicom:
-        source = _dicom_source(args, Collection.open(args.collection, args.home) if exists else None)
-    else:
-        source = ImageSource(root=Path(args.images) if args.images else None,
-                             manifest=Path(args.manifest) if args.manifest else None,
-                             label_from_folder=args.label_from_folder,
-                             dicom_options=_dicom_options(args, Collection.open(args.collection, args.home)
-                                                          if exists else None))
-    if exists:
-        collection = Collection.open(args.collection, args.home)
-        collection.check_encoder(encoder.info.to_record())
-    else:
-        record = encoder.info.to_record()
-        if args.dicom or isinstance(source, ImageSource):  # the DICOM window; maxmean: twice the size
-            from caselens.ingest.volumes import pooled_record
-
-            options = source.config.options if args.dicom else source.dicom_options
-            record = pooled_record(record, source.config.pooling if args.dicom else "mean", options.window)
-        collection = Collection.create(args.collection, record, args.home)
-        console.print(f"created collection [bold]{args.collection}[/] at {collection.root} with encoder "
-                      f"{encoder.info.spec} ({encoder.info.dim}-d, fingerprint {encoder.info.fingerprint})")
-    if isinstance(source, ImageSource) or args.dicom:
-        source.secret = collection.secret()  # pseudonyms are keyed per collection
-    report = ingest(source, collection, encoder, IngestConfig(batch_size=args.batch_size,
-                                                              write_items=args.write_items,
-                                                              build_index=not args.no_index,
-                                                              progress=not args.quiet))
-    console.print(report.summary())
-    return 0 if report.accepted or report.duplicates else 1
-
-
-def _dicom_options(args: argparse.Namespace, existing: Collection | None = None) -> Any:
-    from caselens.ingest.sources.dicom import DicomOptions
-
-    stored = existing.encoder.get("window", "auto") if existing is not None else None
-    window = args.window or stored or "auto"
-    if stored is not None and window != stored:
-        raise SourceError(f"collection {existing.name!r} was ingested with --window {stored}; use the same "
-                          "window, or a new collection")
-    return DicomOptions(window=window, allow_burned_in=args.allow_burned_in)
-
-
-def _dicom_source(args: argparse.Namespace, existing: Collection | None) -> Any:
-    """--dicom: one folder or DICOMDIR (a PACS export), or DICOM/NIfTI files."""
-    from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
-
-    stored = (existing.encoder.get("pooling") or "mean") if existing is not None else None
-    pooling = args.pooling or stored or "mean"
-    if stored is not None and pooling != stored:
-        raise SourceError(f"collection {existing.name!r} holds {stored}-pooled vectors; ingest with "
-                          f"--pooling {stored}, or into a new collection")
-    if pooling == "maxmean" and args.unit == "instance":
-        raise SourceError("--pooling maxmean pools the slices of a series or study: add --unit series or --unit study")
-    config = DicomSourceConfig(unit=args.unit, slices=args.slices, pooling=pooling, workers=args.workers,
-                               options=_dicom_options(args, existing))
-    paths = [Path(p).expanduser() for p in args.dicom]
-    if len(paths) == 1 and (paths[0].is_dir() or paths[0].name.upper() == "DICOMDIR"):
-        if not paths[0].exists():
-            raise SourceError(f"--dicom: {paths[0]} does not exist")
-        return DicomSource(paths[0], config=config)
-    files = [p.resolve() for p in paths]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise SourceError(f"--dicom: no such file(s): {', '.join(missing)}")
-    return DicomSource(Path(os.path.commonpath([str(f.parent) for f in files])), config=config, files=files)
+    options = dict(label_column=args.label_column, label_from_folder=args.label_from_folder, unit=args.unit,
+                   slices=args.slices, pooling=args.pooling, workers=args.workers, window=args.window,
+                   allow_burned_in=args.allow_burned_in, id_field=args.id_field, text_field=args.text_field,
+                   limit=args.limit, pdf_items=args.pdf_items, dpi=args.dpi, ocr=not args.no_ocr,
+                   chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
+                   encoder_options=_options(args.encoder_opt, "--encoder-opt"), batch_size=args.batch_size,
+                   write_items=args.write_items, build_index=not args.no_index, progress=not args.quiet)
+    collection = caselens.open(args.collection, args.home, create=True)
+    report = collection.ingest(images=args.images, manifest=args.manifest, dicom=args.dicom, text=args.text,
+                               pdf=args.pdf, encoder=args.encoder, **options)
+    say(report.summary())
+    return EXIT_OK if report.accepted or report.duplicates else EXIT_PROBLEMS
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    import secrets as _secrets
+    import os
 
+    from caselens.errors import SourceError
     from caselens.ingest.dicom_scan import scan
-
+    from caselens.ingest.sources.dicom import DicomOptions
     if args.collection:
-        secret, keyed = Collection.open(args.collection, args.home).secret(), f"collection {args.collection}'s key"
+        secret, keyed = _collection(args, args.collection).storage.secret(), f"collection {args.collection}'s key"
     else:
-        secret, keyed = _secrets.token_bytes(32), "a one-off key (give --collection for the ingest pseudonyms)"
+        secret, keyed = os.urandom(32), "a one-off key (give --collection for the ingest pseudonyms)"
     root = Path(args.root).expanduser()
     if not root.exists():
         raise SourceError(f"{root} does not exist; give the folder or DICOMDIR of the export")
-    report = scan(root, secret, _dicom_options(args), progress=not args.json)
+    report = scan(root, secret, DicomOptions(window=args.window or "auto", allow_burned_in=args.allow_burned_in),
+                  progress=not args.json)
     summary = report.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
-    console.print(f"scanned {root}: {summary['files']} files -> {summary['patients']} patients, "
-                  f"{summary['studies']} studies, {summary['series']} series, {summary['instances']} DICOM "
-                  f"instances ({summary['frames']} frames), {summary['nifti_volumes']} NIfTI volumes, "
-                  f"{summary['unreadable']} not usable", markup=False, highlight=False)
-    console.print("modalities: " + (", ".join(f"{m} {n}" for m, n in summary["modalities"].items()) or "none"),
-                  markup=False)
+        return EXIT_OK
+    say(f"scanned {root}: {summary['files']} files -> {summary['patients']} patients, {summary['studies']} studies, "
+        f"{summary['series']} series, {summary['instances']} DICOM instances ({summary['frames']} frames), "
+        f"{summary['nifti_volumes']} NIfTI volumes, {summary['unreadable']} not usable")
+    say("modalities: " + (", ".join(f"{m} {n}" for m, n in summary["modalities"].items()) or "none"))
     for code, n in summary["unreadable_by_reason"].items():
-        console.print(f"  not usable {n:>6} x {code}", markup=False)
-    table = Table(title=f"series (pseudonyms under {keyed})")
-    for col in ("patient", "study", "series", "modality", "instances", "frames"):
-        table.add_column(col, overflow="fold")
-    for row in summary["series_list"][: args.limit]:
-        table.add_row(row["patient"], row["study"][:14] + "…", row["series"][:14] + "…", row["modality"],
-                      str(row["instances"]), str(row["frames"]))
-    console.print(table)
-    return 0
+        say(f"  not usable {n:>6} x {code}")
+    rows = [(r["patient"], short_id(r["study"]), short_id(r["series"]), r["modality"], r["instances"], r["frames"])
+            for r in summary["series_list"][: args.limit]]
+    console().print(table(f"series (pseudonyms under {keyed})",
+                           ("patient", "study", "series", "modality", "instances", "frames"), rows))
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------ search
-def _hits_table(result: Any) -> Table:
-    table = Table(title=f"{result.collection}: {result.query} ({result.candidates} candidates, "
-                        f"{result.milliseconds:.0f} ms)")
-    show_modality = any(h.metadata.get("modality") for h in result.hits)
-    columns = ["rank", "score", "id", "label"] + (["modality"] if show_modality else []) + ["source"]
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for h in result.hits:
-        label = h.label if h.label is not None else (h.text[:60] + "…" if h.text and len(h.text) > 60 else h.text or "")
-        row = [str(h.rank), f"{h.score:.4f}", h.id, label or ""]
-        if show_modality:
-            row.append(str(h.metadata.get("modality") or ""))
-        table.add_row(*row, h.source or "")
-    return table
-
-
 def cmd_search(args: argparse.Namespace) -> int:
-    from caselens.retrieval.search import search
-
-    collection = _open(args)
-    result = search(collection, image=Path(args.image) if args.image else None, text=args.text, k=args.k,
-                    where=args.where, exclude_same=args.exclude_same, mode=args.mode)
+    collection = _collection(args)
+    result = collection.search(args.image, text=args.text, id=args.id, k=args.k, where=args.where,
+                               exclude_same=args.exclude_same, query_patient=args.query_patient, mode=args.mode)
     if args.json:
         print(result.to_json())
     else:
-        console.print(_hits_table(result))
-    return 0
+        console().print(hits_table(result))
+        if result.hits:
+            say("full ids and metadata: add --json")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------- ask
 def cmd_ask(args: argparse.Namespace) -> int:
-    from caselens.retrieval.rag import AskConfig, ask
-
-    knowledge = [Collection.open(name.strip(), args.home) for name in args.collection.split(",") if name.strip()]
-    cases = Collection.open(args.cases, args.home) if args.cases else None
-    options = _encoder_options(args.option) if args.option else None
+    names = [n.strip() for n in args.collection.split(",") if n.strip()]
+    knowledge = [_collection(args, n) for n in names]
+    cases = _collection(args, args.cases) if args.cases else None
+    options = _options(args.option, "--option") if args.option else None
     task = args.task or ("mc" if options else "free")
-    config = AskConfig(k=args.k, task=task, options=options, where=args.where, min_score=args.min_score,
-                       images=not args.no_images)
-    with console.status("retrieving and generating…", spinner="dots") if not args.json else _null():
-        answer = ask(knowledge, args.question, generator=args.generator, cases=cases,
-                     image=Path(args.image) if args.image else None, config=config)
+    status = console().status(f"loading generator {args.generator} and answering…", spinner="dots") \
+        if not args.json else _Quiet()
+    with status:
+        answer = knowledge[0].ask(args.question, generator=args.generator, also=knowledge[1:], cases=cases,
+                                  image=args.image, k=args.k, task=task, options=options, where=args.where,
+                                  min_score=args.min_score, images=not args.no_images)
     if args.json:
         print(answer.to_json())
-        return 0
-    console.print(f"Question: {answer.question}", markup=False, highlight=False)
-    console.print(f"Answer (generator: {answer.generator}):", markup=False, highlight=False)
-    console.print(answer.answer, markup=False, highlight=False)
+        return EXIT_OK
+    say(f"Question: {answer.question}")
+    say(f"Answer (generator: {answer.generator}):")
+    say(answer.answer)
     if answer.abstained and answer.raw_answer:
-        console.print(f"(generator's text, not shown as an answer: {answer.raw_answer})", markup=False, highlight=False)
+        say(f"(the generator's own text, withheld because it is not grounded: {answer.raw_answer})")
     if answer.grounding:
         g = answer.grounding
-        console.print(f"citations: {', '.join(g['cited']) or 'none'}; supported sentences: "
-                      f"{g['supported_fraction']:.0%}" + (f"; invalid: {g['invalid_citations']}" if g["invalid_citations"] else ""),
-                      markup=False, highlight=False)
-    console.print("Sources:")
+        say(f"citations: {', '.join(g['cited']) or 'none'}; supported sentences: {g['supported_fraction']:.0%}"
+            + (f"; invalid: {g['invalid_citations']}" if g["invalid_citations"] else ""))
+    say("Sources:")
     for c in answer.context:
         text = " ".join(c["text"].split())
-        console.print(f"  [{c['key']}] ({c['collection']}, score {c['score']:.3f}): {text[:150]}{'…' if len(text) > 150 else ''}",
-                      markup=False, highlight=False)
+        say(f"  [{c['key']}] ({c['collection']}, score {c['score']:.3f}): {text[:150]}{'…' if len(text) > 150 else ''}")
     if answer.dropped:
-        console.print(f"  left out by the token budget: {', '.join(answer.dropped)}", markup=False, highlight=False)
-    return 0
+        say(f"  left out by the token budget: {', '.join(answer.dropped)}")
+    return EXIT_OK
 
 
-class _null:
+class _Quiet:
     def __enter__(self) -> None:
         return None
 
@@ -273,139 +178,131 @@ class _null:
 
 
 # -------------------------------------------------------------------- eval
-def _write_json_out(path: str | None, text: str) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-
-
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    from caselens.retrieval.eval.retrieval_eval import evaluate_retrieval
-
-    collection = _open(args)
-    result = evaluate_retrieval(collection, args.label_column, args.k, args.exclude_same)
+    collection = _collection(args)
+    with console().status("ranking every labelled item against the rest…") if not args.json else _Quiet():
+        result = collection.evaluate(args.label_column, args.k, args.exclude_same)
     _write_json_out(args.json_out, result.to_json())
     if args.json:
         print(result.to_json())
-        return 0
+        return EXIT_OK
     metrics = list(result.overall)
-    table = Table(title=f"leave-one-out retrieval: {collection.name} ({result.encoder}); "
-                        f"{result.n_queries} queries" + (f", excluding same {args.exclude_same}" if args.exclude_same else ""))
-    table.add_column("class")
-    table.add_column("n", justify="right")
-    for m in metrics:
-        table.add_column(m, justify="right")
-    for cls, vals in result.per_class.items():
-        table.add_row(cls, str(int(vals["n"])), *[f"{vals[m]:.3f}" for m in metrics])
-    table.add_row("[bold]overall[/]", str(result.n_queries), *[f"[bold]{result.overall[m]:.3f}[/]" for m in metrics])
-    console.print(table)
-    console.print(f"chance P@{args.k} (class prior): {result.chance_p_at_k:.3f}")
-    if args.json_out:
-        console.print(f"wrote {args.json_out}")
-    return 0
+    rows = [[cls, int(vals["n"]), *[f"{vals[m]:.3f}" for m in metrics]] for cls, vals in result.per_class.items()]
+    rows.append(["overall", result.n_queries, *[f"{result.overall[m]:.3f}" for m in metrics]])
+    title = (f"leave-one-out retrieval: {result.collection} ({result.encoder}); {result.n_queries} queries"
+             + (f", excluding same {args.exclude_same}" if args.exclude_same else ""))
+    console().print(table(title, ["class", "n", *metrics], rows))
+    say(f"chance P@{args.k} (class prior): {result.chance_p_at_k:.3f}")
+    return EXIT_OK
 
 
 def cmd_eval_text(args: argparse.Namespace) -> int:
     from caselens.retrieval.eval.text_eval import evaluate_text, summary_rows
 
-    collection = _open(args)
-    result = evaluate_text(collection, Path(args.questions), modes=args.modes.split(","),
+    storage = _collection(args).storage
+    result = evaluate_text(storage, Path(args.questions), modes=args.modes.split(","),
                            tasks=args.tasks.split(",") if args.tasks else None,
                            limit_per_task=args.limit_per_task, progress=not args.json)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(result.to_json())
+    _write_json_out(args.json_out, result.to_json())
     if args.json:
         print(result.to_json())
-        return 0
+        return EXIT_OK
     metrics = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10")
-    table = Table(title=f"gold-document retrieval: {collection.name} ({result.items} items, {result.documents} "
-                        f"documents) with {args.questions}")
-    for col in ("task", "mode", "n", *metrics):
-        table.add_column(col, justify="right")
-    for row in summary_rows(result, metrics):
-        table.add_row(row[0], row[1], str(row[2]), *[f"{v:.3f}" for v in row[3:]])
-    console.print(table)
+    rows = [[r[0], r[1], r[2], *[f"{v:.3f}" for v in r[3:]]] for r in summary_rows(result, metrics)]
+    console().print(table(f"gold-document retrieval: {storage.name} ({result.items} items, {result.documents} "
+                           f"documents) with {args.questions}", ["task", "mode", "n", *metrics], rows))
     left_out = {t: n for t, n in result.no_gold_in_collection.items() if n}
     if left_out:
-        console.print(f"left out (no gold document in the collection): {left_out}")
-    if args.json_out:
-        console.print(f"wrote {args.json_out}")
-    return 0
+        say(f"left out (no gold document in the collection): {left_out}")
+    return EXIT_OK
 
 
 def cmd_eval_qa(args: argparse.Namespace) -> int:
     from caselens.retrieval.eval.qa_eval import evaluate_qa
 
-    knowledge = [Collection.open(n.strip(), args.home) for n in (args.knowledge or "").split(",") if n.strip()]
+    knowledge = [_collection(args, n.strip()).storage for n in (args.knowledge or "").split(",") if n.strip()]
     result = evaluate_qa(Path(args.questions), knowledge, args.generator, k=args.k,
                          tasks=args.tasks.split(",") if args.tasks else None, limit_per_task=args.limit_per_task,
                          min_score=args.min_score, closed_book=not args.no_closed_book)
     _write_json_out(args.json_out, result.to_json())
     if args.json:
         print(result.to_json())
-        return 0
-    table = Table(title=f"QA: {args.questions} with {', '.join(result.knowledge) or 'no retrieval'} "
-                        f"(generator: {result.generator}, k={result.k})")
-    for col in ("task", "n", "acc closed-book", "acc RAG", "acc answered", f"gold recall@{result.k}", "abstained",
-                "citations valid", "s/question"):
-        table.add_column(col, justify="right")
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    for t in result.tasks.values():
-        table.add_row(t.task, str(t.n), fmt(t.accuracy_closed_book), fmt(t.accuracy_rag), fmt(t.accuracy_answered),
-                      fmt(t.gold_recall), fmt(t.abstention_rate), fmt(t.citation_validity), fmt(t.seconds_per_question))
-    console.print(table)
+        return EXIT_OK
+
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    rows = [[t.task, t.n, fmt(t.accuracy_closed_book), fmt(t.accuracy_rag), fmt(t.accuracy_answered),
+             fmt(t.gold_recall), fmt(t.abstention_rate), fmt(t.citation_validity), fmt(t.seconds_per_question)]
+            for t in result.tasks.values()]
+    console().print(table(f"QA: {args.questions} with {', '.join(result.knowledge) or 'no retrieval'} "
+                           f"(generator: {result.generator}, k={result.k})",
+                           ["task", "n", "acc closed-book", "acc RAG", "acc answered", f"gold recall@{result.k}",
+                            "abstained", "citations valid", "s/question"], rows))
     if result.suggested_min_score is not None:
-        console.print(f"calibrated abstention threshold (ask --min-score): {result.suggested_min_score:.3f} "
-                      f"(Youden J {result.calibration_j:.2f} over questions with gold documents)")
-    if args.json_out:
-        console.print(f"wrote {args.json_out}")
-    return 0
+        say(f"calibrated abstention threshold (ask --min-score): {result.suggested_min_score:.3f} "
+            f"(Youden J {result.calibration_j:.2f} over questions with gold documents)")
+    return EXIT_OK
 
 
 # ------------------------------------------------------------- info & co.
 def cmd_info(args: argparse.Namespace) -> int:
-    from caselens.indexes.faiss_index import read_stamp
+    import caselens
 
     if not args.collection:
-        names = list_collections(args.home)
-        console.print(f"collections in {Path(args.home).resolve()}: {', '.join(names) if names else 'none'}")
-        return 0
-    c = _open(args)
-    stamp = read_stamp(c.index_dir)
-    info = {"collection": c.name, "path": str(c.root), "items": c.count(), "table_version": c.version,
-            "encoder": c.encoder, "columns": c.columns(),
-            "faiss_index": None if stamp is None else {**stamp.summary(), "fresh": stamp.table_version == c.version}}
-    from caselens.indexes import bm25_index
-    from caselens.ingest.chunking import stored_chunking
-
-    bm25 = bm25_index.read_stamp(c.root / bm25_index.FOLDER)
-    info["bm25_index"] = None if bm25 is None else {"table_version": bm25.table_version, "n_docs": bm25.n_docs,
-                                                    "fresh": bm25.table_version == c.version}
-    info["chunking"] = stored_chunking(c) if c.count() else None
-    print(json.dumps(info, indent=2))
-    return 0
+        names = caselens.collections(args.home)
+        if args.json:
+            print(json.dumps({"home": str(Path(args.home).resolve()), "collections": names}, indent=2))
+        else:
+            say(f"collections in {Path(args.home).resolve()}: {', '.join(names) if names else 'none'}")
+        return EXIT_OK
+    info = _collection(args).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    enc = info["encoder"]
+    say(f"collection {info['collection']} at {info['path']}")
+    say(f"  items        {info['items']} (table version {info['table_version']})")
+    say(f"  encoder      {enc['spec']} ({enc['dim']}-d, {', '.join(enc.get('modalities', []))}; fingerprint "
+        f"{enc['fingerprint']})" + (f"; pooling {enc['pooling']}" if enc.get("pooling") else "")
+        + (f"; DICOM window {enc['window']}" if enc.get("window") else ""))
+    meta = [c for c in info["columns"] if c not in ("id", "_row", "kind", "vector", "source", "text", "provenance")]
+    say(f"  metadata     {', '.join(meta)}")
+    fx = info["faiss_index"]
+    say("  FAISS index  none (searches rank exactly; build one with `caselens index`)" if fx is None else
+        f"  FAISS index  {fx['factory']}, {fx.get('live', fx.get('ntotal'))} vectors, table version "
+        f"{fx['table_version']} ({'fresh' if fx['fresh'] else 'behind: newer rows are ranked exactly'})")
+    bm = info["bm25_index"]
+    if bm is not None:
+        say(f"  BM25 index   {bm['n_docs']} texts, table version {bm['table_version']} "
+            f"({'fresh' if bm['fresh'] else 'behind'})")
+    if info.get("chunking"):
+        say(f"  chunking     {info['chunking']}")
+    say("the whole record: add --json")
+    return EXIT_OK
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    c = _open(args)
-    rows = c.ledger(args.run)
-    if args.status:
-        rows = [r for r in rows if r["status"] == args.status]
+    collection = _collection(args)
+    rows = collection.ledger(args.run, args.status)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    table = Table(title=f"ledger of {c.name} ({len(rows)} rows) — {c.ledger_path}")
-    for col in ("run_id", "input", "status", "reason_code", "reason"):
-        table.add_column(col, overflow="fold")
-    for r in rows[-args.limit:]:
-        table.add_row(r["run_id"], r["input"], r["status"], r["reason_code"], r["reason"])
-    console.print(table)
-    return 0
+        return EXIT_OK
+    shown = rows[-args.limit:]
+    out = table(f"ledger of {collection.name}: {len(rows)} rows" + (f", the last {len(shown)}" if len(shown) < len(rows) else ""),
+                   ("run", "input", "status", "item", "reason"),
+                   [(r["run_id"], r["input"] if len(r["input"]) <= 48 else "…" + r["input"][-47:], r["status"],
+                     short_id(r["item_id"]) if r["item_id"] else "",
+                     f"{r['reason_code']}: {r['reason']}" if r["reason_code"] else "") for r in shown],
+                   wrap=("reason",))
+    console().print(out)
+    say(f"ledger table: {collection.storage.ledger_path}")
+    return EXIT_OK
 
 
 def _choice_config(args: argparse.Namespace) -> Any:
     """A ChoiceConfig from --target-recall / --max-memory / --factory, or None when none given."""
+    from caselens.errors import ConfigError
     from caselens.indexes.index_choice import ChoiceConfig, parse_memory
 
     if args.target_recall is None and args.max_memory is None and not args.factory:
@@ -413,7 +310,7 @@ def _choice_config(args: argparse.Namespace) -> Any:
     config = ChoiceConfig()
     if args.target_recall is not None:
         if not 0 < args.target_recall <= 1:
-            raise ValueError(f"--target-recall {args.target_recall}: give a fraction in (0, 1], e.g. 0.95")
+            raise ConfigError(f"--target-recall {args.target_recall}: give a fraction in (0, 1], e.g. 0.95")
         config.target_recall = args.target_recall
     if args.max_memory is not None:
         config.max_memory = parse_memory(args.max_memory)
@@ -423,58 +320,55 @@ def _choice_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    c = _open(args)
-    config = _choice_config(args)
-    stamp = c.build_index(rebuild=True, config=config, progress=not args.quiet) if args.rebuild or config \
-        else c.index()[1]
-    choice = stamp.choice or {}
-    console.print(f"FAISS index of {c.name}: {stamp.factory} {stamp.params or ''}, {stamp.live} vectors, table "
-                  f"version {stamp.table_version}, at {c.index_dir}", markup=False, highlight=False)
+    collection = _collection(args)
+    stamp = collection.index(rebuild=args.rebuild, config=_choice_config(args), progress=not args.quiet)
+    choice = stamp.get("choice") or {}
+    say(f"FAISS index of {collection.name}: {stamp['factory']} {stamp.get('params') or ''}, {stamp['live']} vectors, "
+        f"table version {stamp['table_version']}, at {collection.storage.layout.faiss_dir}")
     if choice.get("recall") is not None:
-        console.print(f"  recall@{choice.get('k')} {choice['recall']} (target {choice.get('target_recall')}), "
-                      f"p99 {choice.get('p99_ms')} ms, {choice.get('bytes_per_vector')} bytes/vector; "
-                      f"{choice.get('reason')}", markup=False, highlight=False)
-    return 0
+        say(f"  recall@{choice.get('k')} {choice['recall']} (target {choice.get('target_recall')}), p99 "
+            f"{choice.get('p99_ms')} ms, {choice.get('bytes_per_vector')} bytes/vector; {choice.get('reason')}")
+    return EXIT_OK
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    c = _open(args)
-    report = c.optimize(config=_choice_config(args), force=args.force)
+    from caselens.indexes import derived
+
+    storage = _collection(args).storage
+    report = derived.optimize(storage, config=_choice_config(args), force=args.force)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-        return 0
+        return EXIT_OK
     what = "rebuilt" if report.rebuilt else "kept"
-    console.print(f"{c.name}: {what} the FAISS index ({report.factory_before} -> {report.factory_after}); "
-                  f"recall before {report.recall_before}, after {report.recall_after}; {report.reason} "
-                  f"({report.seconds:.1f} s)", markup=False, highlight=False)
-    return 0
+    say(f"{storage.name}: {what} the FAISS index ({report.factory_before} -> {report.factory_after}); recall before "
+        f"{report.recall_before}, after {report.recall_after}; {report.reason} ({report.seconds:.1f} s)")
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    c = _open(args)
-    report = c.verify(repair=args.repair, sample=args.sample)
+    collection = _collection(args)
+    report = collection.verify(repair=args.repair, sample=args.sample)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report, indent=2))
     else:
-        console.print(f"{c.name}: {report.items} items, {report.expected} expected from the ledger; "
-                      f"missing {report.missing_count}, duplicated {report.duplicated_count}, bad vectors "
-                      f"{report.bad_vectors}; self-search {report.self_checked - report.self_missed}/"
-                      f"{report.self_checked}", markup=False, highlight=False)
-        for problem in report.index_problems:
-            console.print(f"  index: {problem}", markup=False, highlight=False)
-        for fix in report.repaired:
-            console.print(f"  repaired: {fix}", markup=False, highlight=False)
-        console.print("OK" if report.ok else "PROBLEMS FOUND" + ("" if args.repair else " (run with --repair)"))
-    return 0 if report.ok else 1
+        say(f"{collection.name}: {report['items']} items, {report['expected']} expected from the ledger; missing "
+            f"{report['missing_count']}, duplicated {report['duplicated_count']}, bad vectors {report['bad_vectors']}; "
+            f"self-search {report['self_checked'] - report['self_missed']}/{report['self_checked']}")
+        for problem in report["index_problems"]:
+            say(f"  index: {problem}")
+        for fix in report["repaired"]:
+            say(f"  repaired: {fix}")
+        say("OK" if report["ok"] else "PROBLEMS FOUND" + ("" if args.repair else " (run with --repair)"))
+    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
     from caselens.ingest.encoders import available
 
     for scheme, summary in available().items():
-        console.print(f"[bold]{scheme}[/]: {summary}")
-    console.print("aliases: hf-hub:ORG/REPO and local-dir:PATH -> open_clip")
-    return 0
+        say(f"{scheme}: {summary}")
+    say("aliases: hf-hub:ORG/REPO and local-dir:PATH -> open_clip")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -502,17 +396,21 @@ def _index_choice_args(s: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="caselens", description="Retrieval engine for medical imaging: "
-                                "ingest images, DICOM and texts; search by image or text; answer with citations.")
+                                "ingest images, DICOM and texts; search by image or text; answer with citations.",
+                                epilog="exit status: 0 ok, 1 problems found / nothing stored, 2 usage error, "
+                                       "3 runtime failure, 70 a bug in caselens")
     p.add_argument("--version", action="version", version=f"caselens {__version__}")
     p.add_argument("--home", default=str(default_home()),
                    help="folder holding the collections (default: $CASELENS_HOME or ./caselens-data)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens inside")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("ingest", help="add images, DICOM files or a text corpus to a collection")
+    s = sub.add_parser("ingest", help="add images, DICOM files, a text corpus or PDFs to a collection")
     s.add_argument("collection")
     s.add_argument("--images", metavar="DIR", help="folder of images and/or DICOM files (read recursively)")
     s.add_argument("--manifest", metavar="CSV", help="CSV with path,label[,patient_id,...]; paths relative to it")
+    s.add_argument("--label-column", default="label", metavar="NAME",
+                   help="the manifest column holding labels (default: label), e.g. finding")
     s.add_argument("--label-from-folder", action="store_true", help="without a manifest: label = parent folder name")
     s.add_argument("--dicom", nargs="+", metavar="PATH", help="a DICOM export (folder or DICOMDIR: DICOM found by "
                    "its preamble, symlinks refused), or DICOM / NIfTI files")
@@ -545,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-items", type=int, default=1024, metavar="N",
                    help="items written to the collection together, or what 5 s brought (default 1024; "
                         "fewer: less work redone after a crash, more table versions)")
-    s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS index afterwards")
+    s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS and BM25 indexes afterwards "
+                                                          "(searches rank the new rows exactly until `caselens index`)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_ingest)
 
@@ -557,17 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dicom_read_options(s)
     s.set_defaults(func=cmd_scan)
 
-    s = sub.add_parser("search", help="search a collection by image or text")
+    s = sub.add_parser("search", help="search a collection by image, text or item id")
     s.add_argument("collection")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", metavar="PATH", help="query image or DICOM file")
     q.add_argument("--text", metavar="QUERY", help="query text (needs an encoder with a text tower)")
+    q.add_argument("--id", metavar="ITEM_ID", help="a stored item: its nearest other items")
     s.add_argument("--k", type=int, default=10, help="results to return (default 10)")
     s.add_argument("--where", metavar="SQL", help="filter on metadata columns, e.g. \"modality = 'CT'\"")
     s.add_argument("--exclude-same", metavar="COLUMN", help="drop items sharing the query's value, e.g. patient_id")
+    s.add_argument("--query-patient", metavar="ID", help="the patient of an outside query image, for "
+                   "--exclude-same patient_id (pseudonymised with the collection's key, never stored)")
     s.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="dense",
-                   help="text queries: dense vectors (default), BM25 keywords, or both fused by reciprocal rank")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+                   help="text queries: dense vectors (default; score: cosine), BM25 keywords (score: BM25), or both "
+                        "fused by reciprocal rank (score: RRF)")
+    s.add_argument("--json", action="store_true", help="print JSON (full ids, metadata, provenance) instead of a table")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("ask", help="answer a question from knowledge collections (and similar cases), with checked citations")
@@ -579,10 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", choices=["free", "yesno", "mc"], help="answer form (default: mc with --option, else free)")
     s.add_argument("--option", action="append", default=[], metavar="LETTER=TEXT", help="a multiple-choice option, repeatable")
     s.add_argument("--min-score", type=float, default=0.25, help="abstain when the best passage scores below this")
-    s.add_argument("--generator", default="auto", metavar="NAME",
-                   help="auto (Gemma 3 270M when installed, else extractive), gemma, extractive, hf:<model folder>, "
-                        "or openai:<base url> for an OpenAI-compatible endpoint (model from $CASELENS_MODEL, "
-                        "key from $CASELENS_API_KEY)")
+    s.add_argument("--generator", default="extractive", metavar="NAME",
+                   help="extractive (default: quotes the sources, always grounded), gemma (packaged Gemma 3 270M base "
+                        "model), auto (gemma when installed), hf:<model folder>, or openai:<base url> for an "
+                        "OpenAI-compatible endpoint (model from $CASELENS_MODEL, key from $CASELENS_API_KEY)")
     s.add_argument("--where", metavar="SQL", help="filter passages on metadata columns")
     s.add_argument("--no-images", action="store_true",
                    help="send no case or page images to the generator (for text-only models behind openai:)")
@@ -625,17 +528,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="list collections, or describe one")
     s.add_argument("collection", nargs="?")
+    s.add_argument("--json", action="store_true", help="the whole record as JSON")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("ledger", help="show what ingest accepted and rejected, with reasons")
     s.add_argument("collection")
     s.add_argument("--run", help="only this run id")
-    s.add_argument("--status", choices=["accepted", "duplicate", "rejected"])
+    s.add_argument("--status", choices=["accepted", "duplicate", "rejected", "deleted"])
     s.add_argument("--limit", type=int, default=50, help="rows to show (table output)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_ledger)
 
-    s = sub.add_parser("index", help="bring the FAISS index up to date (or --rebuild it)")
+    s = sub.add_parser("index", help="bring the FAISS and BM25 indexes up to date (or --rebuild)")
     s.add_argument("collection")
     s.add_argument("--rebuild", action="store_true", help="choose and build the index again from all vectors")
     _index_choice_args(s)
@@ -659,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("encoders", help="list encoder schemes")
     s.set_defaults(func=cmd_encoders)
 
-    s = sub.add_parser("demo", help="ingest the bundled demo data, search an image, answer a question")
-    s.add_argument("--generator", default="auto", metavar="NAME", help="as for `ask` (default auto)")
+    s = sub.add_parser("demo", help="ingest the bundled demo data, search an image, answer a question, write a report")
+    s.add_argument("--generator", default="extractive", metavar="NAME", help="as for `ask` (default extractive)")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -669,12 +573,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from caselens.errors import CaselensError
+
     try:
         return int(args.func(args) or 0)
-    except (CaselensError, ValueError, KeyError, FileExistsError, ConnectionError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"caselens {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except CaselensError as exc:
+        print(f"caselens {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FileExistsError as exc:
+        print(f"caselens {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"caselens {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as exc:  # a full disk, a permission, a vanished file: the system's own words
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"caselens {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print(f"caselens {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - a bug: show it, say so, exit apart from user errors
+        traceback.print_exc()
+        print(f"caselens {args.command}: internal error (a bug in caselens {__version__}); please report it "
+              "with the traceback above", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

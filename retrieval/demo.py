@@ -106,61 +106,41 @@ def prepare_inputs(home: Path) -> tuple[Path, Path]:
     return dicom_dir, corpus
 
 
-def run_demo(home: Path, generator: str = "auto") -> int:
+def run_demo(home: Path, generator: str = "extractive") -> int:
     """Run the whole demo under ``home``; prints what it did and where."""
-    from caselens.indexes.collection import Collection
-    from caselens.ingest.pipeline import IngestConfig, ingest
-    from caselens.ingest.sources import ImageSource, TextCorpusSource
-    from caselens.retrieval.cli import _hits_table
-    from caselens.ingest.encoders import Encoder, load_encoder
-    from caselens.ingest.encoders.text import DEFAULT_TEXT_ENCODER
-    from caselens.retrieval.rag import ask
-    from caselens.retrieval.search import collection_encoder, search
+    import caselens
+    from caselens.retrieval.tables import hits_table
 
     start = time.perf_counter()
     home = Path(home)
     dicom_dir, corpus = prepare_inputs(home)
     console.rule("[bold]1. DICOM case collection")
     console.print(f"inputs: {dicom_dir}")
-
-    def open_or_create(name: str, spec: str) -> tuple[Collection, Encoder]:
-        if Collection.exists(name, home):
-            coll = Collection.open(name, home)
-            return coll, collection_encoder(coll)
-        enc = load_encoder(spec)
-        return Collection.create(name, enc.info.to_record(), home), enc
-
-    images, encoder = open_or_create("demo-dicom", "classic")
-    report = ingest(ImageSource(dicom_dir, secret=images.secret()), images, encoder, IngestConfig())
-    console.print(report.summary())
+    images = caselens.open("demo-dicom", home, create=True)
+    report = images.ingest(images=dicom_dir)
+    console.print(report.summary(), markup=False, highlight=False)
 
     console.rule("[bold]2. knowledge collection")
     console.print(f"inputs: {corpus}")
-    texts, tencoder = open_or_create("demo-knowledge", DEFAULT_TEXT_ENCODER)
-    report = ingest(TextCorpusSource(corpus), texts, tencoder, IngestConfig(batch_size=64))
-    console.print(report.summary())
+    texts = caselens.open("demo-knowledge", home, create=True)
+    report = texts.ingest(text=corpus, batch_size=64)
+    console.print(report.summary(), markup=False, highlight=False)
 
     console.rule("[bold]3. image search")
     query = next(dicom_dir.rglob(QUERY_DICOM))
-    console.print(f"$ caselens search demo-dicom --image {query} --k 5")
-    console.print(_hits_table(search(images, image=query, k=5)))
+    console.print(f"$ caselens search demo-dicom --image {query} --k 5", markup=False)
+    console.print(hits_table(images.search(query, k=5)))
 
     console.rule("[bold]4. question")
-    console.print(f'$ caselens ask demo-knowledge "{QUESTION}"')
-    answer = ask(texts, QUESTION, generator=generator)
+    console.print(f'$ caselens ask demo-knowledge "{QUESTION}"', markup=False)
+    answer = texts.ask(QUESTION, generator=generator)
     console.print(f"Answer (generator: {answer.generator}):", markup=False, highlight=False)
     console.print(answer.answer, markup=False, highlight=False)
-    if answer.abstained and answer.raw_answer:
-        console.print(f"(generator's text, withheld because it cites no source: {answer.raw_answer})",
-                      markup=False, highlight=False)
-    if answer.abstained and answer.abstain_reason == "no_citations":
-        fallback = ask(texts, QUESTION, generator="extractive")
-        console.print("extractive answer from the same sources:", fallback.answer, markup=False, highlight=False)
     for c in answer.context:
         console.print(f"  [{c['key']}] {c['text'][:140]}", markup=False, highlight=False)
 
     console.rule("[bold]done")
-    console.print(f"collections in {home.resolve()}: demo-dicom ({images.count()} items), "
-                  f"demo-knowledge ({texts.count()} items); {time.perf_counter() - start:.0f}s")
+    console.print(f"collections in {home.resolve()}: demo-dicom ({len(images)} items), "
+                  f"demo-knowledge ({len(texts)} items); {time.perf_counter() - start:.0f}s")
     console.print(f"try: caselens --home {home} search demo-knowledge --text 'shortness of breath'")
     return 0

@@ -23,7 +23,7 @@ from caselens.ingest.sources.dicom import DicomOptions, decode_frames, read_dico
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 from caselens.ingest.encoders import load_encoder
 from caselens.retrieval.rag import AskConfig, ask, retrieve_context
-from caselens.retrieval.rag.images import cache_dir, item_images
+from caselens.retrieval.images import cache_dir, item_images
 from caselens.retrieval.search import search
 
 from conftest import make_images
@@ -103,7 +103,7 @@ def test_changed_or_missing_file_gives_no_image(home: Path, tmp_path: Path, clas
     (folder / "blob_0.png").unlink()  # moved away after ingest
     hits = search(cases, image=folder / "blob_1.png", k=4).hits
     by_source = {h.source: h for h in hits}
-    with caplog.at_level(logging.DEBUG, logger="caselens.retrieval.rag.images"):
+    with caplog.at_level(logging.DEBUG, logger="caselens.retrieval.images"):
         paths = dict(zip([h.source for h in hits], item_images(cases, hits)))
     assert paths["stripes_1.png"] is None and paths["blob_0.png"] is None
     assert paths["blob_1.png"] == str(folder / "blob_1.png") and paths["stripes_0.png"] == str(folder / "stripes_0.png")

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from caselens.errors import SourceError
+from caselens.errors import ConfigError, SourceError
+from caselens.ingest.deid import check_key
 from caselens.ingest.dicom_scan import (InstanceHeader, header_of, is_nifti, order_slices, walk_inputs)
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
 from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, decode_frames, is_dicom
@@ -52,15 +53,15 @@ class DicomSourceConfig:
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
-            raise ValueError(f"unit {self.unit!r} is not known; choose one of {', '.join(UNITS)}")
+            raise ConfigError(f"unit {self.unit!r} is not known; choose one of {', '.join(UNITS)}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
+            raise ConfigError(f"pooling {self.pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
         if self.slices < 1:
-            raise ValueError(f"slices must be at least 1, not {self.slices}")
+            raise ConfigError(f"slices must be at least 1, not {self.slices}")
         if self.workers < 0:
-            raise ValueError(f"workers must be 0 or more, not {self.workers}")
+            raise ConfigError(f"workers must be 0 or more, not {self.workers}")
         if self.prefetch < 1 or self.prefetch_bytes < 0:
-            raise ValueError(f"prefetch must be at least 1 and prefetch_bytes 0 or more, not "
+            raise ConfigError(f"prefetch must be at least 1 and prefetch_bytes 0 or more, not "
                              f"{self.prefetch} and {self.prefetch_bytes}")
 
 
@@ -224,10 +225,10 @@ class DicomSource:
 
     kind = "image"
 
-    def __init__(self, root: Path, secret: bytes = b"", config: DicomSourceConfig | None = None,
+    def __init__(self, root: Path, secret: bytes, config: DicomSourceConfig | None = None,
                  files: list[Path] | None = None):
         self.root = Path(root).expanduser()
-        self.secret = secret
+        self.secret = check_key(secret)  # the collection's key: every pseudonym is keyed by it
         self.config = config or DicomSourceConfig()
         self.files = files
         self._inputs: list[tuple[Path, str] | Rejection] | None = None

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from caselens.errors import SourceError
-from caselens.ingest.deid import pseudonym
+from caselens.ingest.deid import check_key, pseudonym
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
 from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, is_dicom, read_dicom
 
@@ -44,9 +44,9 @@ class ImageSource:
 
     kind = "image"
 
-    def __init__(self, root: Path | None = None, manifest: Path | None = None, secret: bytes = b"",
+    def __init__(self, root: Path | None = None, manifest: Path | None = None, *, secret: bytes,
                  label_from_folder: bool = False, files: list[Path] | None = None,
-                 dicom_options: DicomOptions | None = None):
+                 dicom_options: DicomOptions | None = None, label_column: str = "label"):
         self.dicom_options = dicom_options  # how DICOM files are read (window, burned-in policy...)
         if root is None and manifest is None and files is None:
             raise SourceError("give an image folder, a manifest or a list of files")
@@ -56,8 +56,10 @@ class ImageSource:
             self.root = Path(manifest).expanduser().resolve().parent
         else:
             self.root = Path.cwd()
-        self.secret = secret
+        self.secret = check_key(secret)  # the collection's key: every pseudonym is keyed by it
         self.label_from_folder = label_from_folder
+        self.label_column = label_column  # the manifest column holding each image's label
+        self.notes: list[str] = []  # what the user should know about how the manifest was read
         self.files = files
         self.rows: list[dict[str, str]] | None = None
         self.numeric: set[str] = set()
@@ -73,9 +75,16 @@ class ImageSource:
                 if "path" not in columns:
                     raise SourceError(f"manifest {manifest} has no 'path' column (columns: {columns}); "
                                       "add one with each image's path relative to the manifest")
+                if label_column != "label" and label_column not in columns:
+                    raise SourceError(f"manifest {manifest} has no column {label_column!r} for labels "
+                                      f"(columns: {', '.join(columns)}); name the label column with --label-column")
                 self.rows = list(reader)
             self.manifest_dir = manifest.resolve().parent
-            self.numeric = _numeric_columns(self.rows, [c for c in columns if c not in ("path", "label", "patient_id")])
+            self.numeric = _numeric_columns(self.rows, [c for c in columns
+                                                        if c not in ("path", "label", "patient_id", label_column)])
+            if label_column == "label" and "label" not in columns:
+                self.notes.append(f"manifest {manifest.name} has no 'label' column: items have no labels (name "
+                                  f"the label column with --label-column; columns: {', '.join(columns)})")
 
     def input_record(self) -> dict[str, Any]:
         """The folder its items' sources are relative to, and how DICOM files were read, for the
@@ -132,6 +141,8 @@ class ImageSource:
             if not value:
                 continue
             meta[key] = float(value) if key in self.numeric else value
+        if self.label_column != "label":
+            meta["label"] = meta.get(self.label_column)
         return self.read(path, meta)
 
     def _rel(self, path: Path) -> str:

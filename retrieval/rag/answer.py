@@ -27,7 +27,8 @@ from typing import Any, Sequence
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection
 from caselens.retrieval.rag.context import ContextItem, case_text, citation_key, item_kind, sanitize, within_budget
-from caselens.retrieval.rag.generators import Generator, Request, load_generator
+from caselens.retrieval.rag.generators import Generator, Request
+from caselens.retrieval.rag.registry import load_generator
 from caselens.retrieval.rag.grounding import check_grounding
 from caselens.retrieval.rag.prompts import ABSTAIN_TEXT
 from caselens.retrieval.search import search
@@ -146,7 +147,7 @@ def with_images(items: Sequence[ContextItem], hits: _Hits, chunk_pages: bool = F
     items and, with ``chunk_pages``, the page a PDF text chunk comes from (rendered once, cached).
     An image goes to the best-ranked item showing it only (chunks of one page share one), so a
     generator is not shown the same picture twice."""
-    from caselens.retrieval.rag.images import has_image, item_images
+    from caselens.retrieval.images import has_image, item_images
 
     wanted: dict[str, list[ContextItem]] = {}
     for it in items:
@@ -188,7 +189,7 @@ def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Coll
     """Cases for ``image`` and passages for ``question`` (+ the cases' findings), best first.
 
     ``images``: cases and page items get ``image_path``, a PNG/JPEG of what they show, found from
-    the collection's recorded input roots (:mod:`caselens.retrieval.rag.images`: checked against
+    the collection's recorded input roots (:mod:`caselens.retrieval.images`: checked against
     the item's content hash, DICOM decoded and PDF pages rendered into the collection's cache);
     ``chunk_pages``: PDF text chunks too get their page's image.
     """

@@ -1,28 +1,34 @@
-"""Keeping a collection's FAISS index right: full builds, incremental updates, drift checks
-(``optimize``) and consistency checks with repair (``verify``).
+"""The derived indexes of a collection: FAISS and BM25, built from a table version and stamped.
 
-Every function here is called with the collection's write lock held (``build_index``,
-``delete``, ``verify(repair=True)`` and ``optimize`` take it); the LanceDB table stays the
-source of truth and nothing here ever deletes table rows.
+Writers bring them up to date after their commit (:func:`refresh`, :func:`refresh_bm25`,
+:func:`refresh_all`), holding the collection's write lock; maintenance commands rebuild them
+(:func:`optimize`), check them (:func:`verify`) and remove deleted items (:func:`delete`).
+Readers take neither the lock nor a rebuild: :func:`load_for_read` returns the last stamped
+FAISS index (whatever table version it was stamped with; the reader ranks the rows committed
+since exactly, see :mod:`caselens.indexes.reader`) and :func:`bm25_for_read` the last BM25 index.
+
+This module imports :class:`~caselens.indexes.collection.Collection` and is never imported by it.
+The LanceDB table stays the source of truth: nothing here deletes table rows except
+:func:`delete`, on request.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
-from caselens.indexes import faiss_index
+from caselens.errors import EncoderMismatchError, IndexIntegrityError
+from caselens.indexes import bm25_index, faiss_index
+from caselens.indexes.collection import Collection
 from caselens.indexes.index_choice import ChoiceConfig, choose_and_build, evaluate
-
-if TYPE_CHECKING:
-    from caselens.indexes.collection import Collection
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +46,12 @@ def stored_config(stamp: faiss_index.IndexStamp | None) -> ChoiceConfig:
     return ChoiceConfig(**kwargs)
 
 
-def full_build(collection: "Collection", config: ChoiceConfig | None,
+def full_build(collection: Collection, config: ChoiceConfig | None,
                progress: bool = False) -> faiss_index.IndexStamp:
-    """Choose, build and write an index over all vectors of the current table version."""
+    """Choose, build and write an index over all vectors of the current table version (call it
+    holding the write lock)."""
     if config is None:
-        config = stored_config(faiss_index.read_stamp(collection.index_dir))
+        config = stored_config(faiss_index.read_stamp(collection.layout.faiss_dir))
     version = collection.version
     row_ids, vecs = collection.vectors()
     bar = tqdm(total=len(row_ids), unit="vec", desc=f"index {collection.name}", disable=not progress)
@@ -61,12 +68,12 @@ def full_build(collection: "Collection", config: ChoiceConfig | None,
     record = choice.to_dict()
     record["config"] = config.to_dict()
     record["total_seconds"] = round(time.perf_counter() - start, 2)
-    return faiss_index.write_index(index, collection.index_dir, table_version=version,
+    return faiss_index.write_index(index, collection.layout.faiss_dir, table_version=version,
                                    encoder_fingerprint=collection.encoder["fingerprint"], factory=choice.factory,
                                    params=choice.params, choice=record, trained_on=len(row_ids))
 
 
-def update_index(collection: "Collection", index: faiss.Index,
+def update_index(collection: Collection, index: faiss.Index,
                  stamp: faiss_index.IndexStamp) -> faiss_index.IndexStamp | None:
     """Add the table's new rows to ``index`` and remove its deleted ones, then write it.
 
@@ -86,20 +93,162 @@ def update_index(collection: "Collection", index: faiss.Index,
         log.info("rows reuse ids still inside the index of %s; rebuilding", collection.name)
         return None
     if not len(to_add) and not len(to_remove):  # e.g. a compaction: same rows, new version
-        return faiss_index.restamp(collection.index_dir, stamp, version)
+        return faiss_index.restamp(collection.layout.faiss_dir, stamp, version)
     if len(to_add):
         rows, vectors = collection.vectors_for_rows(to_add)
         faiss_index.add_vectors(index, vectors, rows)
     tomb = faiss_index.remove_ids(index, to_remove)
     deleted = np.union1d(deleted, tomb)
     new = faiss_index.write_index(
-        index, collection.index_dir, table_version=version, encoder_fingerprint=stamp.encoder_fingerprint,
+        index, collection.layout.faiss_dir, table_version=version, encoder_fingerprint=stamp.encoder_fingerprint,
         factory=stamp.factory, params=stamp.params, choice=stamp.choice, deleted=deleted.tolist(),
         trained_on=stamp.trained_on, added_since_build=stamp.added_since_build + len(to_add),
         removed_since_build=stamp.removed_since_build + len(to_remove))
     log.info("FAISS index of %s updated: +%d -%d vectors (table v%d)", collection.name, len(to_add),
              len(to_remove), version)
     return new
+
+
+def refresh(collection: Collection, *, rebuild: bool = False, config: ChoiceConfig | None = None,
+            progress: bool = False) -> faiss_index.IndexStamp:
+    """Bring the FAISS index to the current table version and return its stamp (takes the lock).
+
+    With a usable index of this encoder, new rows are added and deleted rows removed (no
+    retraining); with ``rebuild``, a ``config`` or no usable index, the index type is chosen by
+    measuring recall (:mod:`caselens.indexes.index_choice`) and built from all vectors.
+    :class:`EncoderMismatchError` when the index on disk came from another encoder (rebuild it)."""
+    folder = collection.layout.faiss_dir
+    with collection.lock.hold():
+        if folder.exists():  # left by a writer that was killed mid-write
+            faiss_index.remove_stale_temporaries(folder)
+        if not rebuild and config is None:
+            try:
+                index, stamp = faiss_index.load_index(folder, collection.encoder["fingerprint"], cached=False)
+            except IndexIntegrityError as exc:
+                if faiss_index.read_stamp(folder) is not None:
+                    log.warning("%s; rebuilding", exc)
+            else:
+                updated = update_index(collection, index, stamp)
+                if updated is not None:
+                    return updated
+        return full_build(collection, config, progress=progress)
+
+
+def has_text(collection: Collection) -> bool:
+    """Whether any item of ``collection`` has text (then it gets a BM25 index)."""
+    return collection.count("text IS NOT NULL") > 0
+
+
+def refresh_bm25(collection: Collection, settings: bm25_index.Bm25Settings | None = None,
+                 force: bool = False) -> bm25_index.Bm25Stamp | None:
+    """Bring the BM25 index to the current table version (takes the lock); None when the
+    collection has no text and no BM25 index. Rebuilt when stale, damaged, of other settings, or
+    ``force``."""
+    settings = settings or bm25_index.Bm25Settings()
+    folder = collection.layout.bm25_dir
+    with collection.lock.hold():
+        stamp = bm25_index.read_stamp(folder)
+        version = collection.version
+        if not force and stamp is not None and stamp.table_version == version and stamp.settings == asdict(settings):
+            try:
+                bm25_index.load(folder)
+                return stamp
+            except IndexIntegrityError as exc:
+                log.warning("%s; rebuilding", exc)
+        if stamp is None and not has_text(collection):
+            return None
+        table = collection.rows("text IS NOT NULL", ["_row", "text"])
+        return bm25_index.build(table.column("_row").to_numpy(), table.column("text").to_pylist(), folder,
+                                version, settings)
+
+
+def refresh_all(collection: Collection, progress: bool = False) -> tuple[faiss_index.IndexStamp,
+                                                                            bm25_index.Bm25Stamp | None]:
+    """Both derived indexes brought to the current table version (what a writer does after its
+    commit)."""
+    with collection.lock.hold():
+        return refresh(collection, progress=progress), refresh_bm25(collection)
+
+
+def delete(collection: Collection, ids: list[str] | tuple[str, ...], run_id: str | None = None) -> list[str]:
+    """Delete the items ``ids`` (noted in the ledger as ``deleted``) and remove them from the
+    derived indexes (no rebuild); returns the ids deleted."""
+    with collection.lock.hold():
+        deleted = collection.delete(ids, run_id)
+        if deleted and faiss_index.read_stamp(collection.layout.faiss_dir) is not None:
+            refresh(collection)
+        if deleted and bm25_index.read_stamp(collection.layout.bm25_dir) is not None:
+            refresh_bm25(collection)
+    return deleted
+
+
+# ------------------------------------------------------------- for readers
+def mmap_wanted(collection: Collection, stamp: faiss_index.IndexStamp | None) -> bool:
+    """Memory-map IVF indexes larger than ``CASELENS_MMAP_ABOVE`` bytes (default 4 GiB)."""
+    if stamp is None or not faiss_index.factory_lists(stamp.factory):
+        return False
+    limit = int(os.environ.get("CASELENS_MMAP_ABOVE", str(4 << 30)))
+    try:
+        return (collection.layout.faiss_dir / faiss_index.INDEX_FILE).stat().st_size > limit
+    except OSError:
+        return False
+
+
+def load_for_read(collection: Collection) -> tuple[faiss.Index, faiss_index.IndexStamp] | None:
+    """The last stamped FAISS index of ``collection`` and its stamp, whatever table version it
+    was stamped with, without the write lock; None when there is none or it is damaged (logged:
+    the reader then ranks exactly until a writer rebuilds it). A file replaced by a writer while
+    it was read is read again. :class:`EncoderMismatchError` when it came from another encoder."""
+    folder = collection.layout.faiss_dir
+    fingerprint = collection.encoder["fingerprint"]
+    for _ in range(5):
+        stamp = faiss_index.read_stamp(folder)
+        if stamp is None:
+            return None
+        try:
+            return faiss_index.load_index(folder, fingerprint, mmap=mmap_wanted(collection, stamp), stamp=stamp)
+        except IndexIntegrityError as exc:
+            if faiss_index.read_stamp(folder) != stamp:  # a writer replaced it meanwhile: read again
+                continue
+            log.warning("%s; searching %s exactly until `caselens index %s` rebuilds it", exc, collection.name,
+                        collection.name)
+            return None
+    return None
+
+
+_BM25: dict[tuple[str, str], bm25_index.Bm25Index] = {}  # (folder, stamp) -> index verified when loaded
+
+
+def bm25_for_read(collection: Collection, texts: Any, version: int,
+                  settings: bm25_index.Bm25Settings | None = None) -> bm25_index.Bm25Index:
+    """The last stamped BM25 index of ``collection`` (whatever table version it was stamped with),
+    without waiting for writers. When there is none (or it is damaged or of other settings) it
+    is built and written if no writer holds the collection, else built in memory from
+    ``texts()`` -> (rows, texts) of the reader's snapshot at ``version``."""
+    settings = settings or bm25_index.Bm25Settings()
+    folder = collection.layout.bm25_dir
+    for _ in range(2):
+        stamp = bm25_index.read_stamp(folder)
+        if stamp is not None and stamp.settings == asdict(settings):
+            key = (str(folder), repr(sorted(asdict(stamp).items())))
+            if key in _BM25:
+                return _BM25[key]
+            try:
+                index = bm25_index.load(folder)
+            except IndexIntegrityError as exc:
+                log.warning("%s", exc)
+            else:
+                _BM25.clear()  # one loaded index per process
+                _BM25[key] = index
+                return index
+        with collection.lock.try_hold() as held:
+            if not held:
+                break
+            refresh_bm25(collection, settings, force=stamp is not None)
+    rows, values = texts()
+    log.info("BM25 index of %s is being written by another process; indexing %d texts in memory",
+             collection.name, len(rows))
+    return bm25_index.build_in_memory(rows, values, version, settings)
 
 
 # ---------------------------------------------------------------- optimize
@@ -122,16 +271,16 @@ class OptimizeReport:
         return asdict(self)
 
 
-def optimize(collection: "Collection", config: ChoiceConfig | None = None, force: bool = False) -> OptimizeReport:
+def optimize(collection: Collection, config: ChoiceConfig | None = None, force: bool = False) -> OptimizeReport:
     """Compact the table; measure the index's recall on fresh held-out vectors and rebuild
     (retrain, re-choose) when it is below target, when tombstones exceed
     :data:`REBUILD_TOMBSTONES` or the index grew past :data:`REBUILD_GROWTH` since training."""
     start = time.perf_counter()
-    with collection.write_lock():
+    with collection.lock.hold():
         collection.compact()
-        stamp = collection.build_index()  # bring up to date first
+        stamp = refresh(collection)  # bring up to date first
         cfg = config or stored_config(stamp)
-        index, stamp = faiss_index.load_index(collection.index_dir, collection.encoder["fingerprint"])
+        index, stamp = faiss_index.load_index(collection.layout.faiss_dir, collection.encoder["fingerprint"])
         rows, vecs = collection.vectors()
         recall = evaluate(index, vecs, rows, cfg, stamp.params, stamp.deleted) if len(rows) > 1 else 1.0
         growth = stamp.added_since_build / max(1, stamp.trained_on)
@@ -196,7 +345,7 @@ def _expected_ids(ledger: list[dict]) -> set[str]:
     return {i for i, present in state.items() if present}
 
 
-def verify(collection: "Collection", repair: bool = False, sample: int | None = None,
+def verify(collection: Collection, repair: bool = False, sample: int | None = None,
            k: int = 10) -> VerifyReport:
     """Check that every item the ledger accepted is in the table exactly once with a finite
     vector of the right dimension, that the FAISS index holds exactly the table's rows at its
@@ -237,12 +386,12 @@ def verify(collection: "Collection", repair: bool = False, sample: int | None = 
 
     def check_index() -> None:
         report.index_problems = [p for p in report.index_problems if p.startswith("row numbers")]
-        stamp = faiss_index.read_stamp(collection.index_dir)
+        stamp = faiss_index.read_stamp(collection.layout.faiss_dir)
         if stamp is None:
             report.index_problems.append("no FAISS index")
             return
         try:
-            index, stamp = faiss_index.load_index(collection.index_dir, collection.encoder["fingerprint"], cached=False)
+            index, stamp = faiss_index.load_index(collection.layout.faiss_dir, collection.encoder["fingerprint"], cached=False)
         except Exception as exc:  # EncoderMismatchError / IndexIntegrityError: both mean rebuild
             report.index_problems.append(str(exc).split(";")[0])
             return
@@ -279,9 +428,7 @@ def verify(collection: "Collection", repair: bool = False, sample: int | None = 
 
     check_index()
     if repair and report.index_problems:
-        with collection.write_lock():
-            faiss_index._CACHE.drop(collection.index_dir)
-            stamp = full_build(collection, None)
+        stamp = refresh(collection, rebuild=True)
         report.repaired.append(f"rebuilt the FAISS index ({stamp.factory}, {stamp.ntotal} vectors)")
         check_index()
     if repair and (report.missing_count or report.duplicated_count or report.bad_vectors):

@@ -1,0 +1,161 @@
+"""Dense ranking for readers: the last stamped index plus an exact scan of the rows since.
+
+A :class:`Reader` never takes the write lock and never waits for a writer. Each query reads the
+snapshot of the latest committed table version (:mod:`caselens.indexes.snapshot`) and the last
+stamped FAISS index, whatever version that was stamped with (:func:`caselens.indexes.derived.load_for_read`):
+
+- rows of the snapshot that the index does not hold (committed since it was stamped) are ranked
+  exactly, brute force over their vectors, with the same filters;
+- rows the index holds that the snapshot does not (deleted since, or added after the snapshot's
+  version by a writer that refreshed the index meanwhile) never rank: they are excluded like
+  tombstones.
+
+So a search started during an ingest sees every row committed before it began. Row numbers are
+never reused (``Collection`` keeps a high-water mark), which makes "in the index" and "in the
+snapshot" comparable by number alone. With no usable index, every row is ranked exactly (and a
+warning says to run ``caselens index``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from caselens.indexes import faiss_index
+from caselens.indexes.collection import Collection
+from caselens.indexes.derived import load_for_read
+from caselens.indexes.snapshot import Snapshot, SnapshotReader
+
+log = logging.getLogger(__name__)
+
+EXACT_BELOW = 50_000  # with an HNSW index, filtered candidate sets up to this size are ranked exactly
+
+
+@dataclass
+class ReadView:
+    """One snapshot with the index it is read through, and the rows the index does not hold."""
+
+    snapshot: Snapshot
+    index: Any  # faiss.Index or None
+    stamp: faiss_index.IndexStamp | None
+    excluded: list[int]  # ids in the index that must never rank (tombstones, rows not in the snapshot)
+    delta_rows: np.ndarray  # sorted rows of the snapshot the index does not hold
+    delta_vectors: np.ndarray  # their vectors, same order
+
+    def rank(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[tuple[float, int]]:
+        """Top-``k`` (cosine, row) for one unit ``query`` among the snapshot's rows (only the
+        sorted ``allowed`` rows when given)."""
+        query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+        found: list[tuple[float, int]] = []
+        index = self.index
+        if index is not None and index.ntotal and (allowed is None or len(allowed)):
+            if allowed is not None and len(allowed) <= EXACT_BELOW and faiss_index.hnsw_of(index) is not None:
+                # an HNSW graph cannot be walked through a sparse filter: rank small sets exactly
+                rows, vectors = self.snapshot.vectors(np.setdiff1d(allowed, self.delta_rows, assume_unique=True))
+                found += _top(vectors @ query[0], rows, k)
+            else:
+                scores, rows = faiss_index.search_index(index, query, k, allowed_ids=allowed, params=self.stamp.params,
+                                                        deleted=self.excluded)
+                found += [(s, r) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
+        if len(self.delta_rows):
+            vectors, rows = self.delta_vectors, self.delta_rows
+            if allowed is not None:
+                keep = np.isin(rows, allowed, assume_unique=True)
+                vectors, rows = vectors[keep], rows[keep]
+            found += _top(vectors @ query[0], rows, k)
+        found.sort(key=lambda sr: -sr[0])  # stable: ties keep index order
+        return found[:k]
+
+
+def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[float, int]]:
+    if not len(scores):
+        return []
+    top = np.argsort(-scores, kind="stable")[:k]
+    return list(zip(scores[top].astype(float).tolist(), rows[top].tolist()))
+
+
+def _view(snapshot: Snapshot, loaded: tuple[Any, faiss_index.IndexStamp] | None,
+          previous: ReadView | None) -> ReadView:
+    if loaded is None:  # no usable index: every row ranks exactly
+        rows, vectors = snapshot.vectors(snapshot.rows)
+        return ReadView(snapshot, None, None, [], rows, vectors)
+    index, stamp = loaded
+    if stamp.table_version == snapshot.version:  # the index holds exactly this version's rows
+        return ReadView(snapshot, index, stamp, list(stamp.deleted), np.zeros(0, np.int64),
+                        np.zeros((0, snapshot.dim), np.float32))
+    live = np.setdiff1d(faiss_index.index_ids(index), np.asarray(stamp.deleted, np.int64))
+    gone = live[~snapshot.contains(live)]
+    excluded = sorted(set(stamp.deleted) | set(gone.tolist()))
+    delta = np.setdiff1d(snapshot.rows, live, assume_unique=True)
+    have_rows, have_vectors = np.zeros(0, np.int64), np.zeros((0, snapshot.dim), np.float32)
+    if previous is not None and previous.stamp is not None and previous.stamp.checksum == stamp.checksum:
+        keep = np.isin(previous.delta_rows, delta, assume_unique=True)  # read once, kept while valid
+        have_rows, have_vectors = previous.delta_rows[keep], previous.delta_vectors[keep]
+    need = np.setdiff1d(delta, have_rows, assume_unique=True)
+    rows, vectors = snapshot.vectors(need)
+    rows, vectors = np.concatenate([have_rows, rows]), np.concatenate([have_vectors, vectors])
+    order = np.argsort(rows, kind="stable")
+    return ReadView(snapshot, index, stamp, excluded, rows[order], vectors[order])
+
+
+class Reader:
+    """What readers of one collection use: the snapshot reader and the index being read."""
+
+    def __init__(self, collection: Collection):
+        self.collection = collection
+        self.snapshots = SnapshotReader(collection)
+        self._lock = threading.Lock()
+        self._loaded: tuple[Any, faiss_index.IndexStamp] | None = None
+        self._stamp_key: tuple | None = None  # (inode, mtime, size) of the stamp file last loaded
+        self._view: ReadView | None = None
+        self._warned = False
+
+    def invalidate(self) -> None:
+        """Forget the snapshot, the loaded index and the view built from them."""
+        with self._lock:
+            self.snapshots.invalidate()
+            self._loaded, self._stamp_key, self._view = None, None, None
+
+    def snapshot(self) -> Snapshot:
+        """The snapshot of the latest committed version."""
+        return self.snapshots.current()
+
+    def view(self) -> ReadView:
+        """The snapshot of the latest committed version read through the last stamped index."""
+        snapshot = self.snapshots.current()
+        stamp_file = self.collection.layout.faiss_dir / faiss_index.STAMP_FILE
+        key = faiss_index.file_key(stamp_file)
+        view = self._view
+        if view is not None and view.snapshot is snapshot and key == self._stamp_key and key is not None:
+            return view
+        with self._lock:
+            if key != self._stamp_key or key is None:  # a writer stamped a new index (or none yet)
+                self._loaded = load_for_read(self.collection)
+                self._stamp_key = key  # a damaged index is read again only once a writer replaces it
+                if self._loaded is None and not self._warned and len(snapshot):
+                    log.info("collection %s has no usable FAISS index; ranking exactly (build one with "
+                             "`caselens index %s`)", self.collection.name, self.collection.name)
+                    self._warned = True
+            view = self._view
+            if view is None or view.snapshot is not snapshot or view.stamp is not (self._loaded or (None, None))[1]:
+                view = _view(snapshot, self._loaded, view)
+                self._view = view
+            return view
+
+
+_READERS: "weakref.WeakKeyDictionary[Collection, Reader]" = weakref.WeakKeyDictionary()
+_READERS_LOCK = threading.Lock()
+
+
+def reader_of(collection: Collection) -> Reader:
+    """The reader of this ``Collection`` object (made on first use, gone with the object)."""
+    reader = _READERS.get(collection)
+    if reader is None:
+        with _READERS_LOCK:
+            reader = _READERS.setdefault(collection, Reader(collection))
+    return reader
