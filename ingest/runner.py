@@ -50,6 +50,7 @@ class IngestRequest:
     images: Path | str | None = None  # folder of images (and DICOM files)
     manifest: Path | str | None = None  # CSV: path,label[,patient_id,...]; paths relative to it
     label_column: str = "label"  # the manifest column holding labels (e.g. "finding")
+    text_column: str | None = None  # the manifest column holding each case's report or notes (its text)
     label_from_folder: bool = False  # without a manifest: label = parent folder name
     dicom: list[Path] | Path | str | None = None  # export folder(s), DICOMDIR(s) or DICOM/NIfTI files
     unit: str = "instance"  # DICOM: one item per instance, series or study
@@ -131,7 +132,7 @@ def _dicom_options(request: IngestRequest, existing: Collection | None) -> Dicom
     window = request.window or stored or "auto"
     if stored is not None and window != stored:
         raise SourceError(f"collection {existing.name!r} was ingested with window {stored}; use the same "
-                          "window, or a new collection")
+                          f"window (--window {stored}), or a new collection")
     return DicomOptions(window=window, allow_burned_in=request.allow_burned_in)
 
 
@@ -140,9 +141,10 @@ def _dicom_source(request: IngestRequest, existing: Collection | None, secret: b
     pooling = request.pooling or stored or "mean"
     if stored is not None and pooling != stored:
         raise SourceError(f"collection {existing.name!r} holds {stored}-pooled vectors; ingest with pooling "
-                          f"{stored}, or into a new collection")
+                          f"{stored} (--pooling {stored}), or into a new collection")
     if pooling == "maxmean" and request.unit == "instance":
-        raise SourceError("pooling maxmean pools the slices of a series or study: use unit series or study")
+        raise SourceError("pooling maxmean pools the slices of a series or study: use unit series or study "
+                          "(--unit series)")
     config = DicomSourceConfig(unit=request.unit, slices=request.slices, pooling=pooling, workers=request.workers,
                                options=_dicom_options(request, existing))
     paths = _paths(request.dicom)
@@ -177,7 +179,8 @@ def _source(request: IngestRequest, encoder: Encoder, existing: Collection | Non
     source = ImageSource(root=Path(request.images).expanduser() if request.images is not None else None,
                          manifest=Path(request.manifest).expanduser() if request.manifest is not None else None,
                          secret=secret, label_from_folder=request.label_from_folder,
-                         dicom_options=_dicom_options(request, existing), label_column=request.label_column)
+                         dicom_options=_dicom_options(request, existing), label_column=request.label_column,
+                         text_column=request.text_column)
     notes.extend(source.notes)
     return source
 

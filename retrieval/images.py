@@ -260,7 +260,7 @@ class _Resolver:
         path, run = found
         frame = prov.get("frame")
         frames = [int(frame)] if isinstance(frame, int) else "middle"
-        images, _, _ = decode_frames(path, b"", _dicom_options(run, self.collection), frames)
+        images, _, _ = decode_frames(path, self.collection.secret(), _dicom_options(run, self.collection), frames)
         return self._cache(hit, images[0])
 
     def _dicom_unit(self, hit: Any, prov: dict[str, Any]) -> str | None:
@@ -294,7 +294,7 @@ class _Resolver:
                 changed = True
                 continue
             frames = [int(frame)] if isinstance(frame, int) else "middle"
-            images, _, _ = decode_frames(root / rel, b"", options, frames)
+            images, _, _ = decode_frames(root / rel, self.collection.secret(), options, frames)
             return self._cache(hit, images[0])
         return _not_found(hit.id, changed, "series files")
 

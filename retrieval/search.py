@@ -41,6 +41,10 @@ SCORE_MEANING = {"dense": "cosine similarity", "bm25": "BM25 score", "hybrid": "
 ImageQuery = Path | str | bytes | Image.Image
 
 
+class ExclusionUnknownError(QueryError):
+    """``exclude_same`` asked for a value the query does not have (an outside image, no patient named)."""
+
+
 @dataclass
 class Hit:
     """One search result."""
@@ -270,15 +274,17 @@ def _shape(collection: Collection, vectors: np.ndarray) -> np.ndarray:
 
 def search(collection: Collection, *, image: ImageQuery | None = None, text: str | None = None,
            vector: np.ndarray | None = None, item_id: str | None = None, k: int = 10, where: str | None = None,
-           exclude_same: str | None = None, query_patient: str | None = None, mode: str = "dense") -> SearchResult:
+           exclude_same: str | None = None, query_patient: str | None = None, exclude_self: bool = False,
+           mode: str = "dense") -> SearchResult:
     """Search ``collection`` with exactly one query: an ``image`` (path, uploaded bytes or PIL image),
     a ``text``, a ``vector`` or a stored item's ``item_id`` (the item itself is left out).
 
     ``exclude_same`` names a column (e.g. ``patient_id``) whose value the query shares with items
     to leave out: taken from the stored item when the query is in the collection, else from the
     query file (DICOM), else from ``query_patient`` (a patient id of an outside query,
-    pseudonymised with the collection's key). Text queries rank by ``mode``: "dense" (the
-    encoder), "bm25" (keywords) or "hybrid" (both, fused)."""
+    pseudonymised with the collection's key). ``exclude_self`` leaves out the stored copy of a
+    query image. Text queries rank by ``mode``: "dense" (the encoder), "bm25" (keywords) or
+    "hybrid" (both, fused)."""
     given = [name for name, q in (("image", image), ("text", text), ("vector", vector), ("id", item_id))
              if q is not None]
     if len(given) != 1:
@@ -321,6 +327,8 @@ def search(collection: Collection, *, image: ImageQuery | None = None, text: str
             query = _shape(collection, encoder.encode_images([item.image]))[0]
             desc = f"image {Path(image).name}" if isinstance(image, (str, Path)) else "image"
             stored_id, metadata = (item.id or None), item.metadata
+            if exclude_self and stored_id and snapshot.row_of(stored_id) is not None:
+                exclude_ids.append(stored_id)
         else:
             query = _shape(collection, encoder.encode_queries([text]))[0]
             desc = f"text {text!r}"
@@ -335,7 +343,7 @@ def search(collection: Collection, *, image: ImageQuery | None = None, text: str
         if value is None and query_patient is not None:
             value = pseudonym(str(query_patient), collection.secret(), "patient")
         if value is None:
-            raise QueryError(f"exclude_same {exclude_same}: the query has no {exclude_same} (it is not in the "
+            raise ExclusionUnknownError(f"exclude_same {exclude_same}: the query has no {exclude_same} (it is not in the "
                              "collection and its file does not say); name the patient with query_patient "
                              "(--query-patient)")
         exclude[exclude_same] = value

@@ -10,7 +10,7 @@ import pytest
 from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import TextCorpusSource
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.retrieval.rag import AskConfig, ask
 from caselens.retrieval.rag.answer import parse_choice
 from caselens.retrieval.rag.context import ContextItem
@@ -191,7 +191,7 @@ def test_cli_ingest_search_ask_eval_info_ledger(home: Path, image_folder: Path, 
     result = json.loads(out_json.read_text())
     assert result["n_queries"] == 12 and 0 <= result["overall"]["map@10"] <= 1
     assert "overall" in capsys.readouterr().out
-    assert main(h + ["info", "imgs"]) == 0
+    assert main(h + ["info", "imgs", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["items"] == 12 and info["encoder"]["spec"] == "classic" and info["faiss_index"]["fresh"]
     assert main(h + ["ledger", "imgs", "--json"]) == 0

@@ -46,7 +46,8 @@ class ImageSource:
 
     def __init__(self, root: Path | None = None, manifest: Path | None = None, *, secret: bytes,
                  label_from_folder: bool = False, files: list[Path] | None = None,
-                 dicom_options: DicomOptions | None = None, label_column: str = "label"):
+                 dicom_options: DicomOptions | None = None, label_column: str = "label",
+                 text_column: str | None = None):
         self.dicom_options = dicom_options  # how DICOM files are read (window, burned-in policy...)
         if root is None and manifest is None and files is None:
             raise SourceError("give an image folder, a manifest or a list of files")
@@ -59,6 +60,7 @@ class ImageSource:
         self.secret = check_key(secret)  # the collection's key: every pseudonym is keyed by it
         self.label_from_folder = label_from_folder
         self.label_column = label_column  # the manifest column holding each image's label
+        self.text_column = text_column  # the manifest column holding each case's report / notes (item text)
         self.notes: list[str] = []  # what the user should know about how the manifest was read
         self.files = files
         self.rows: list[dict[str, str]] | None = None
@@ -75,13 +77,16 @@ class ImageSource:
                 if "path" not in columns:
                     raise SourceError(f"manifest {manifest} has no 'path' column (columns: {columns}); "
                                       "add one with each image's path relative to the manifest")
+                if text_column is not None and text_column not in columns:
+                    raise SourceError(f"manifest {manifest} has no column {text_column!r} for case texts "
+                                      f"(columns: {', '.join(columns)}); name it with --text-column")
                 if label_column != "label" and label_column not in columns:
                     raise SourceError(f"manifest {manifest} has no column {label_column!r} for labels "
                                       f"(columns: {', '.join(columns)}); name the label column with --label-column")
                 self.rows = list(reader)
             self.manifest_dir = manifest.resolve().parent
-            self.numeric = _numeric_columns(self.rows, [c for c in columns
-                                                        if c not in ("path", "label", "patient_id", label_column)])
+            self.numeric = _numeric_columns(self.rows, [c for c in columns if c not in
+                                                        ("path", "label", "patient_id", label_column, text_column)])
             if label_column == "label" and "label" not in columns:
                 self.notes.append(f"manifest {manifest.name} has no 'label' column: items have no labels (name "
                                   f"the label column with --label-column; columns: {', '.join(columns)})")
@@ -143,7 +148,11 @@ class ImageSource:
             meta[key] = float(value) if key in self.numeric else value
         if self.label_column != "label":
             meta["label"] = meta.get(self.label_column)
-        return self.read(path, meta)
+        item = self.read(path, meta)
+        if self.text_column is not None and isinstance(item, Item):
+            item.text = meta.pop(self.text_column, None)  # the case's report: its text, not a metadata column
+            item.metadata.pop(self.text_column, None)
+        return item
 
     def _rel(self, path: Path) -> str:
         base = getattr(self, "manifest_dir", self.root)

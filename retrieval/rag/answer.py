@@ -31,7 +31,7 @@ from caselens.retrieval.rag.generators import Generator, Request
 from caselens.retrieval.rag.registry import load_generator
 from caselens.retrieval.rag.grounding import check_grounding
 from caselens.retrieval.rag.prompts import ABSTAIN_TEXT
-from caselens.retrieval.search import search
+from caselens.retrieval.search import ExclusionUnknownError, search
 
 
 @dataclass
@@ -49,6 +49,8 @@ class AskConfig:
     max_new_tokens: int = 160  # generation length limit
     require_citations: bool = True  # abstain when a free/yes-no answer cites nothing retrieved
     images: bool = True  # show a generator that takes images the kept cases' and pages' images
+    exclude_same: str | None = "patient_id"  # similar cases never share this with the query (when it is known)
+    query_patient: str | None = None  # the patient of an outside query image (pseudonymised, never stored)
 
 
 @dataclass
@@ -121,7 +123,12 @@ def _retrieve(question: str, knowledge: Sequence[Collection], cases: Collection 
     if image is not None:
         if cases is None:
             raise QueryError("a query image needs a case collection (--cases)")
-        result = search(cases, image=Path(image), k=config.k_cases)
+        column = config.exclude_same if config.exclude_same in cases.columns() else None
+        try:  # the query image itself and its patient never come back as a similar case
+            result = search(cases, image=Path(image), k=config.k_cases, exclude_self=True, exclude_same=column,
+                            query_patient=config.query_patient if column else None)
+        except ExclusionUnknownError:  # its patient is not known: only its stored copy is left out
+            result = search(cases, image=Path(image), k=config.k_cases, exclude_self=True)
         for hit in result.hits:
             text = sanitize(case_text(hit))
             items.append(ContextItem(citation_key("case", hit), "case", cases.name, hit.id, text, hit.score,

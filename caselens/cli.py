@@ -75,7 +75,7 @@ def _write_json_out(path: str | None, text: str) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     import caselens
 
-    options = dict(label_column=args.label_column, label_from_folder=args.label_from_folder, unit=args.unit,
+    options = dict(label_column=args.label_column, text_column=args.text_column, label_from_folder=args.label_from_folder, unit=args.unit,
                    slices=args.slices, pooling=args.pooling, workers=args.workers, window=args.window,
                    allow_burned_in=args.allow_burned_in, id_field=args.id_field, text_field=args.text_field,
                    limit=args.limit, pdf_items=args.pdf_items, dpi=args.dpi, ocr=not args.no_ocr,
@@ -147,7 +147,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     with status:
         answer = knowledge[0].ask(args.question, generator=args.generator, also=knowledge[1:], cases=cases,
                                   image=args.image, k=args.k, task=task, options=options, where=args.where,
-                                  min_score=args.min_score, images=not args.no_images)
+                                  min_score=args.min_score, images=not args.no_images,
+                                  query_patient=args.query_patient)
     if args.json:
         print(answer.to_json())
         return EXIT_OK
@@ -372,7 +373,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from caselens.retrieval.demo import run_demo
+    from caselens.demo import run_demo
 
     return run_demo(Path(args.home), generator=args.generator)
 
@@ -411,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", metavar="CSV", help="CSV with path,label[,patient_id,...]; paths relative to it")
     s.add_argument("--label-column", default="label", metavar="NAME",
                    help="the manifest column holding labels (default: label), e.g. finding")
+    s.add_argument("--text-column", metavar="NAME", help="the manifest column holding each case's report or notes: "
+                   "stored as the item's text (keyword-searchable, and the case's context for `ask --cases`)")
     s.add_argument("--label-from-folder", action="store_true", help="without a manifest: label = parent folder name")
     s.add_argument("--dicom", nargs="+", metavar="PATH", help="a DICOM export (folder or DICOMDIR: DICOM found by "
                    "its preamble, symlinks refused), or DICOM / NIfTI files")
@@ -478,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("question")
     s.add_argument("--k", type=int, default=5, help="passages per knowledge collection (default 5)")
     s.add_argument("--cases", metavar="COLLECTION", help="image collection of cases for --image")
-    s.add_argument("--image", metavar="PATH", help="query image: similar cases join the context")
+    s.add_argument("--image", metavar="PATH", help="query image: similar cases join the context (never the image "
+                   "itself, nor its patient's other images when the patient is known)")
+    s.add_argument("--query-patient", metavar="ID", help="the patient of an outside --image, so that their other "
+                   "images are left out of the similar cases (pseudonymised with the collection's key)")
     s.add_argument("--task", choices=["free", "yesno", "mc"], help="answer form (default: mc with --option, else free)")
     s.add_argument("--option", action="append", default=[], metavar="LETTER=TEXT", help="a multiple-choice option, repeatable")
     s.add_argument("--min-score", type=float, default=0.25, help="abstain when the best passage scores below this")
