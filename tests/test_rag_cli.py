@@ -155,6 +155,8 @@ def test_deidentified_case_context_has_no_phi(home: Path, tmp_path: Path, kb: Co
     folder = tmp_path / "cases"
     folder.mkdir()
     ds.save_as(folder / "case.dcm")
+    ds.PatientID, ds.PatientName = "CANARY-0077", "Canary^Yolanda"  # another patient's CT: the similar case
+    ds.save_as(folder / "other.dcm")
     from caselens.ingest.sources import ImageSource
     from caselens.ingest.encoders import load_encoder
 
@@ -171,7 +173,8 @@ def test_deidentified_case_context_has_no_phi(home: Path, tmp_path: Path, kb: Co
     answer = ask(kb, "What does this CT show?", cases=cases, image=folder / "case.dcm",
                  generator=Spy("A CT [case:x]."), config=AskConfig(min_score=-1))
     assert answer.context[0]["kind"] == "case" and "Modality: CT" in seen["prompt"]
-    for canary in ("Zebedee", "CANARY-0042", "Canary General"):
+    assert len([c for c in answer.context if c["kind"] == "case"]) == 1  # never the query itself
+    for canary in ("Zebedee", "CANARY-0042", "Canary General", "Yolanda", "CANARY-0077"):
         assert canary not in seen["prompt"] and canary not in answer.to_json()
 
 
