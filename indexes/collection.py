@@ -1,5 +1,10 @@
 """A collection's source of truth: the LanceDB items table and the ingest ledger.
 
+The tables are Lance datasets in LanceDB's layout (``lance/items.lance``, ``lance/ledger.lance``;
+``lancedb.connect(<collection>/lance).open_table("items")`` opens them), read and written with
+the ``lance`` library itself: it imports in a fraction of the time LanceDB's Python package
+takes, which every command and every cold search would otherwise pay.
+
 :class:`Collection` owns the items table (ids, vectors, metadata columns, provenance; the encoder
 record as JSON in the schema metadata under the key ``caselens``), the ledger (every input and its
 outcome), the pseudonym key and the folder (:class:`~caselens.indexes.layout.Layout` names every
@@ -24,14 +29,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import lancedb
+import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from caselens.errors import BadVectorError, CollectionNotFoundError, ConfigError, EncoderMismatchError, PseudonymKeyError
 from caselens.files import atomic_write_bytes, default_home
-from caselens.indexes.layout import ITEMS, LEDGER, Layout
+from caselens.indexes.layout import Layout
 from caselens.indexes.lock import WriteLock
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,33 @@ def column_name(key: str) -> str:
     return name
 
 
+def lance_filter(predicate: str | None) -> str | None:
+    """An SQL predicate in Lance's dialect: standard double-quoted identifiers (``"group" = 'a'``)
+    become the backticked ones Lance reads (where double quotes would make a string); single-quoted
+    strings are left as they are."""
+    if not predicate or '"' not in predicate:
+        return predicate or None
+    out, i, n = [], 0, len(predicate)
+    while i < n:
+        c = predicate[i]
+        if c == "'":  # a string literal: copied whole ('' is an escaped quote inside it)
+            j = i + 1
+            while j < n and not (predicate[j] == "'" and (j + 1 >= n or predicate[j + 1] != "'")):
+                j += 2 if predicate[j] == "'" else 1
+            out.append(predicate[i:j + 1])
+            i = j + 1
+        elif c == '"':
+            j = predicate.find('"', i + 1)
+            if j < 0:
+                return predicate  # unbalanced: let Lance report it
+            out.append("`" + predicate[i + 1:j].replace("`", "``") + "`")
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def quote(value: Any) -> str:
     """``value`` as an SQL literal for a predicate (numbers as numbers, anything else a string)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -97,6 +129,20 @@ def _empty_vectors(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
 
 
+def take_rows(dataset: lance.LanceDataset, rows: np.ndarray, offsets: np.ndarray, row_ids: Sequence[int],
+              columns: Sequence[str]) -> pa.Table:
+    """``columns`` of the rows numbered ``row_ids`` (missing ones left out) of ``dataset``, whose
+    sorted ``_row`` numbers are ``rows`` at positions ``offsets``: read by position, no scan."""
+    want = np.asarray(row_ids, np.int64)
+    if not len(rows) or not len(want):
+        return dataset.schema.empty_table().select(list(columns))
+    pos = np.minimum(np.searchsorted(rows, want), len(rows) - 1)
+    found = rows[pos] == want
+    if not found.any():
+        return dataset.schema.empty_table().select(list(columns))
+    return dataset.take(offsets[pos[found]].tolist(), columns=list(columns))
+
+
 def vectors_of(table: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(row numbers, float32 vector matrix) of an Arrow table with ``_row`` and ``vector`` columns."""
     if table.num_rows == 0:
@@ -108,15 +154,14 @@ def vectors_of(table: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
 class Collection:
     """One collection: the LanceDB items table, the ledger, the pseudonym key and the write lock."""
 
-    def __init__(self, layout: Layout, db: Any, table: Any):
+    def __init__(self, layout: Layout, dataset: lance.LanceDataset):
         self.layout = layout
         self.root = layout.root
         self.name = layout.name
         self.lock = WriteLock(layout.lock_file)
-        self._db = db
-        self._table = table
-        self.info: dict[str, Any] = json.loads(table.schema.metadata[b"caselens"])
-        self._addresses: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, sorted _row, row ids)
+        self.info: dict[str, Any] = json.loads(dataset.schema.metadata[b"caselens"])
+        self._items = str(layout.items_dir)
+        self._offsets: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, sorted _row, their offsets)
 
     # ----------------------------------------------------------------- opening
     @staticmethod
@@ -142,8 +187,7 @@ class Collection:
             raise CollectionNotFoundError(
                 f"collection {name!r} not found under {home} (collections there: {known}); "
                 "create it with `caselens ingest` or pass --home")
-        db = lancedb.connect(str(layout.lance_dir))
-        return cls(layout, db, db.open_table(ITEMS))
+        return cls(layout, lance.dataset(str(layout.items_dir)))
 
     @classmethod
     def create(cls, name: str, encoder: dict[str, Any], home: Path | None = None) -> "Collection":
@@ -172,11 +216,12 @@ class Collection:
             pa.field("provenance", pa.string()),
         ] + [pa.field(c, pa.string()) for c in STANDARD_METADATA]
         schema = pa.schema(fields, metadata={"caselens": json.dumps(info, sort_keys=True)})
-        db = lancedb.connect(str(layout.lance_dir))
-        db.create_table(LEDGER, schema=LEDGER_SCHEMA)
-        table = db.create_table(ITEMS, schema=schema)  # last: the collection exists once it does
+        if not layout.ledger_dir.exists():
+            lance.write_dataset(LEDGER_SCHEMA.empty_table(), str(layout.ledger_dir), schema=LEDGER_SCHEMA, mode="create")
+        dataset = lance.write_dataset(schema.empty_table(), str(layout.items_dir), schema=schema,
+                                      mode="create")  # last: the collection exists once it does
         log.info("created collection %s at %s", name, layout.root)
-        return cls(layout, db, table)
+        return cls(layout, dataset)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -188,11 +233,14 @@ class Collection:
     def dim(self) -> int:
         return int(self.encoder["dim"])
 
+    def dataset(self, version: int | None = None) -> lance.LanceDataset:
+        """The items table as a Lance dataset: the latest version, or ``version`` (read-only)."""
+        return lance.dataset(self._items, version=version)
+
     @property
     def version(self) -> int:
-        """Current version of the items table (grows with every write), asked of LanceDB."""
-        self._table.checkout_latest()
-        return int(self._table.version)
+        """Current version of the items table (grows with every write)."""
+        return int(self.dataset().version)
 
     def secret(self) -> bytes:
         """The collection's pseudonym key (32 bytes); :class:`PseudonymKeyError` when it is missing
@@ -211,19 +259,16 @@ class Collection:
         return key
 
     def count(self, where: str | None = None) -> int:
-        self._table.checkout_latest()
-        return int(self._table.count_rows(where) if where else self._table.count_rows())
+        return int(self.dataset().count_rows(filter=lance_filter(where)))
 
     def schema(self) -> pa.Schema:
         """The items table's schema: asked of LanceDB, or kept while this thread holds the write
         lock (only writers change it, and they drop the kept one)."""
         facts = self.lock.facts()
         if facts is None:
-            self._table.checkout_latest()
-            return self._table.schema
+            return self.dataset().schema
         if "schema" not in facts:
-            self._table.checkout_latest()
-            facts["schema"] = self._table.schema
+            facts["schema"] = self.dataset().schema
             facts["types"] = {f.name: f.type for f in facts["schema"]}
         return facts["schema"]
 
@@ -250,66 +295,43 @@ class Collection:
                 "Vectors from different encoders cannot be searched together: ingest into a new "
                 "collection, or use the collection's own encoder.")
 
-    def table_at(self, version: int) -> Any:
-        """A read-only LanceDB handle of the items table pinned at ``version`` (for snapshots)."""
-        table = self._db.open_table(ITEMS)
-        table.checkout(int(version))
-        return table
 
     # ------------------------------------------------------------------ reads
     def existing_ids(self, ids: Iterable[str] | None = None) -> set[str]:
         """Ids already stored (restricted to ``ids`` when given)."""
-        self._table.checkout_latest()
+        dataset = self.dataset()
         if ids is not None:
             ids = list(ids)
-            if not ids:
-                return set()
             found: set[str] = set()
             for start in range(0, len(ids), 500):
                 part = ids[start:start + 500]
-                rows = self._table.search().where(f"id IN ({','.join(quote(i) for i in part)})") \
-                    .select(["id"]).limit(len(part)).to_arrow()
+                rows = dataset.to_table(columns=["id"], filter=f"id IN ({','.join(quote(i) for i in part)})")
                 found.update(rows.column("id").to_pylist())
             return found
-        n = self.count()
-        return set(self._table.search().select(["id"]).limit(n).to_arrow().column("id").to_pylist()) if n else set()
+        return set(dataset.to_table(columns=["id"]).column("id").to_pylist())
 
     def rows(self, where: str | None = None, columns: Sequence[str] | None = None,
              limit: int | None = None) -> pa.Table:
         """Rows of the latest table version matching the SQL predicate ``where`` (all when None)."""
-        self._table.checkout_latest()
-        query = self._table.search()
-        if where:
-            query = query.where(where)
-        if columns:
-            query = query.select(list(columns))
-        return query.limit(limit or max(1, self._table.count_rows())).to_arrow()
+        return self.dataset().to_table(columns=list(columns) if columns else None, filter=lance_filter(where),
+                                       limit=limit)
 
     def row_ids(self) -> np.ndarray:
         """Every ``_row`` number in the table (unsorted)."""
         return self.rows(columns=["_row"]).column("_row").to_numpy().astype(np.int64)
 
     def take(self, row_ids: Sequence[int], columns: Sequence[str]) -> pa.Table:
-        """Columns of the rows numbered ``row_ids`` (missing ones left out), read by LanceDB row
-        address: no scan, whatever the table size. The ``_row`` -> address map is built once
-        per table version (one scan of ``_row``)."""
-        version = self.version
-        cached = self._addresses
-        if cached is None or cached[0] != version:
-            if self._table.count_rows() == 0:
-                return self._table.search().select(list(columns)).limit(1).to_arrow().slice(0, 0)
-            got = self._table.search().select(["_row"]).with_row_id(True).limit(self._table.count_rows()).to_arrow()
-            rows = got.column("_row").to_numpy()
+        """Columns of the rows numbered ``row_ids`` (missing ones left out) at the latest version,
+        read by position: no scan, whatever the table size (the ``_row`` -> position map is built
+        once per table version, one scan of ``_row``)."""
+        dataset = self.dataset()
+        cached = self._offsets
+        if cached is None or cached[0] != dataset.version:
+            rows = dataset.to_table(columns=["_row"]).column("_row").to_numpy()
             order = np.argsort(rows, kind="stable")
-            cached = self._addresses = (version, rows[order], got.column("_rowid").to_numpy()[order])
-        _, rows, addresses = cached
-        want = np.asarray(row_ids, np.int64)
-        pos = np.minimum(np.searchsorted(rows, want), max(0, len(rows) - 1))
-        found = rows[pos] == want if len(rows) else np.zeros(len(want), bool)
-        wanted = [int(a) for a in addresses[pos[found]]]
-        if not wanted:
-            return self._table.search().select(list(columns)).limit(1).to_arrow().slice(0, 0)
-        return self._table.take_row_ids(wanted).select(list(columns)).to_arrow()
+            cached = self._offsets = (dataset.version, rows[order], order.astype(np.int64))
+        _, rows, offsets = cached
+        return take_rows(dataset, rows, offsets, row_ids, columns)
 
     def vectors(self, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(row numbers, vector matrix) of the rows matching ``where``."""
@@ -344,7 +366,7 @@ class Collection:
                 is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
                 missing[key] = "CAST(NULL AS DOUBLE)" if is_num else "CAST(NULL AS STRING)"
         if missing:
-            self._table.add_columns(missing)
+            self.dataset().add_columns(missing)
             facts = self.lock.facts()
             if facts is not None:
                 facts.pop("schema", None)
@@ -398,7 +420,8 @@ class Collection:
             schema = self.schema()
             columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
             columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
-            self._table.add(pa.table({f.name: columns[f.name] for f in schema}, schema=schema))
+            lance.write_dataset(pa.table({f.name: columns[f.name] for f in schema}, schema=schema), self._items,
+                                mode="append")
             self.lock.facts()["next_row"] = start + len(rows)
             return self.version
 
@@ -427,7 +450,9 @@ class Collection:
     def compact(self) -> None:
         """Merge the small files that batch-wise writes leave behind (keeps all data and versions)."""
         with self.lock.hold():
-            self._table.optimize(cleanup_older_than=timedelta(days=7))
+            dataset = self.dataset()
+            dataset.optimize.compact_files()
+            self.dataset().cleanup_old_versions(older_than=timedelta(days=7))
 
     def delete(self, ids: Sequence[str], run_id: str | None = None) -> list[str]:
         """Delete the items with these ``ids`` from the table and note each in the ledger as
@@ -444,7 +469,7 @@ class Collection:
             nxt = self._next_row()  # kept: numbers of deleted rows are never handed out again
             atomic_write_bytes(self.layout.state_file, json.dumps({**self._state(), "next_row": nxt}).encode())
             for i in range(0, len(present), 1000):
-                self._table.delete(f"id IN ({','.join(quote(x) for x in present[i:i + 1000])})")
+                self.dataset().delete(f"id IN ({','.join(quote(x) for x in present[i:i + 1000])})")
             self.record(run_id or f"delete-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}",
                         [LedgerEntry(input=f"delete {x}", status="deleted", item_id=x, reason_code="deleted",
                                      reason="deleted on request") for x in present])
@@ -456,17 +481,14 @@ class Collection:
         if not entries:
             return
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        ledger = self._db.open_table(LEDGER)
-        ledger.add(pa.table({
+        lance.write_dataset(pa.table({
             "run_id": [run_id] * len(entries), "time": [now] * len(entries),
             "input": [e.input for e in entries], "item_id": [e.item_id for e in entries],
             "status": [e.status for e in entries], "reason_code": [e.reason_code for e in entries],
-            "reason": [e.reason for e in entries]}, schema=LEDGER_SCHEMA))
+            "reason": [e.reason for e in entries]}, schema=LEDGER_SCHEMA), str(self.layout.ledger_dir), mode="append")
 
     def ledger(self, run_id: str | None = None, item_ids: Sequence[str] | None = None) -> list[dict]:
         """Ledger rows, optionally of one run or of some items."""
-        table = self._db.open_table(LEDGER)
-        query = table.search()
         clauses = []
         if run_id:
             clauses.append(f"run_id = {quote(run_id)}")
@@ -474,9 +496,8 @@ class Collection:
             if not item_ids:
                 return []
             clauses.append(f"item_id IN ({','.join(quote(i) for i in item_ids)})")
-        if clauses:
-            query = query.where(" AND ".join(clauses))
-        return query.limit(max(1, table.count_rows())).to_arrow().to_pylist()
+        ledger = lance.dataset(str(self.layout.ledger_dir))
+        return ledger.to_table(filter=" AND ".join(clauses) if clauses else None).to_pylist()
 
     @property
     def ledger_path(self) -> Path:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from caselens.errors import QueryError
-from caselens.indexes.collection import Collection, vectors_of
+from caselens.indexes.collection import Collection, lance_filter, take_rows, vectors_of
 from caselens.indexes.join_cache import JoinCache
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,14 @@ class Snapshot:
         self.version = version  # the table version
         self.dim = dim
         self.columns = columns  # the non-vector columns, in table order
-        self._table = table  # LanceDB handle pinned at this version
+        self._table = table  # the Lance dataset pinned at this version
         self._data = data  # the non-vector columns in memory (None: too large, read per request)
-        order = np.argsort(rows, kind="stable")
+        order = np.argsort(rows, kind="stable")  # rows: the _row column in table order (offsets)
         self.rows = rows[order]  # every _row number of this version, sorted
+        self._offsets = order.astype(np.int64)  # the position of each of them in the table
         self.max_row = int(self.rows[-1]) if len(self.rows) else -1
         self._cache = JoinCache(data.column("_row").to_numpy(), data) if data is not None else None
         self._lock = threading.Lock()
-        self._addresses: np.ndarray | None = None  # LanceDB row ids, in the order of self.rows
         self._ids: dict[str, int] | None = None
 
     def __len__(self) -> int:
@@ -110,7 +110,7 @@ class Snapshot:
         with self._lock:
             if self._ids is None:
                 ids = self._data.column("id") if self._data is not None else \
-                    self._table.search().select(["id", "_row"]).limit(max(1, len(self))).to_arrow()
+                    self._table.to_table(columns=["id", "_row"])
                 if isinstance(ids, pa.Table):
                     self._ids = dict(zip(ids.column("id").to_pylist(), ids.column("_row").to_pylist()))
                 else:
@@ -119,8 +119,7 @@ class Snapshot:
 
     def texts(self) -> tuple[np.ndarray, list[str]]:
         """(row numbers, texts) of the rows that have text."""
-        table = self._data if self._data is not None else \
-            self._table.search().select(["_row", "text"]).limit(max(1, len(self))).to_arrow()
+        table = self._data if self._data is not None else self._table.to_table(columns=["_row", "text"])
         table = table.filter(pc.is_valid(table.column("text")))
         return table.column("_row").to_numpy().astype(np.int64), table.column("text").to_pylist()
 
@@ -129,21 +128,15 @@ class Snapshot:
         """Sorted row numbers of this version matching the SQL ``predicate``
         (:class:`QueryError` naming the filter when it cannot be applied)."""
         try:
-            found = self._table.search().where(predicate).select(["_row"]).limit(max(1, len(self))).to_arrow()
+            found = self._table.to_table(columns=["_row"], filter=lance_filter(predicate))
         except Exception as exc:  # LanceDB raises several types for a bad predicate
             raise QueryError(f"filter {predicate!r} could not be applied: {str(exc).splitlines()[0]}") from None
         return np.sort(found.column("_row").to_numpy().astype(np.int64))
 
     # -------------------------------------------------------------- vectors
     def take(self, row_ids: Sequence[int], columns: Sequence[str]) -> pa.Table:
-        """``columns`` of the rows numbered ``row_ids`` at this version, read by row address (no scan)."""
-        want = np.asarray(row_ids, np.int64)
-        held = self.contains(want)
-        if not held.any():
-            return self._table.search().select(list(columns)).limit(1).to_arrow().slice(0, 0)
-        addresses = self._row_addresses()
-        pos = np.searchsorted(self.rows, want[held])
-        return self._table.take_row_ids([int(a) for a in addresses[pos]]).select(list(columns)).to_arrow()
+        """``columns`` of the rows numbered ``row_ids`` at this version, read by position (no scan)."""
+        return take_rows(self._table, self.rows, self._offsets, row_ids, columns)
 
     def vectors(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row numbers, vectors) of ``row_ids`` at this version, in the order of the row numbers
@@ -152,44 +145,32 @@ class Snapshot:
         if not len(row_ids):
             return vectors_of(pa.table({"_row": pa.array([], pa.int64())}), self.dim)
         if len(row_ids) == len(self.rows):  # all of them: one scan
-            table = self._table.search().select(["_row", "vector"]).limit(max(1, len(self))).to_arrow()
+            table = self._table.to_table(columns=["_row", "vector"])
         else:
             table = self.take(row_ids, ["_row", "vector"])
         rows, vectors = vectors_of(table, self.dim)
         order = np.argsort(rows, kind="stable")
         return rows[order], vectors[order]
 
-    def _row_addresses(self) -> np.ndarray:
-        with self._lock:
-            if self._addresses is None:
-                got = self._table.search().select(["_row"]).with_row_id(True).limit(max(1, len(self))).to_arrow()
-                rows = got.column("_row").to_numpy()
-                order = np.argsort(rows, kind="stable")
-                self._addresses = got.column("_rowid").to_numpy()[order]
-            return self._addresses
 
-
-def _read_columns(table: Any, columns: Sequence[str], n: int, where: str | None = None) -> pa.Table:
-    query = table.search()
-    if where:
-        query = query.where(where)
-    return query.select(list(columns)).limit(max(1, n)).to_arrow()
+def _read_columns(table: Any, columns: Sequence[str], where: str | None = None) -> pa.Table:
+    return table.to_table(columns=list(columns), filter=where)
 
 
 def build_snapshot(collection: Collection, version: int, previous: Snapshot | None = None) -> Snapshot:
     """The snapshot of ``collection`` at table ``version``; when ``previous`` has the same columns,
     only the rows added since are read, and rows deleted since are dropped from its copy."""
-    table = collection.table_at(version)
-    n = int(table.count_rows())
+    table = collection.dataset(version)
     columns = tuple(f.name for f in table.schema if f.name != "vector")
-    rows_now = _read_columns(table, ["_row"], n).column("_row").to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
+    rows_now = _read_columns(table, ["_row"]).column("_row").to_numpy().astype(np.int64)
+    n = len(rows_now)
     data: pa.Table | None = None
     if previous is not None and previous.columns == columns and previous.data is not None:
         old = previous.data
         keep = previous.contains(rows_now)  # a row number is never reused: rows past max_row are new
         if not keep.all():
             new_rows = rows_now[~keep]
-            added = _read_columns(table, columns, len(new_rows), f"_row > {previous.max_row}") \
+            added = _read_columns(table, columns, f"_row > {previous.max_row}") \
                 if new_rows.min() > previous.max_row else None
             if added is None or added.num_rows != len(new_rows):  # not plain appends: read it all
                 old = None
@@ -202,7 +183,7 @@ def build_snapshot(collection: Collection, version: int, previous: Snapshot | No
     if data is None and n:
         limit = join_cache_bytes()
         if n * 8 * len(columns) <= limit:  # a lower bound before reading; checked after
-            data = _read_columns(table, columns, n)
+            data = _read_columns(table, columns)
             if data.nbytes > limit:
                 data = None
     elif data is None:

@@ -112,3 +112,14 @@ def test_export_vectors_round_trips_ids_and_vectors(home: Path, image_folder: Pa
     assert sorted(ids) == sorted(expected) and all(np.allclose(vectors[i], expected[x]) for i, x in enumerate(ids))
     with pytest.raises(QueryError, match="no column"):
         col.export_vectors(tmp_path / "x.parquet", columns=["nope"])
+
+
+def test_collections_are_lancedb_tables_readable_by_lancedb_itself(home: Path, image_folder: Path) -> None:
+    lancedb = pytest.importorskip("lancedb", reason="lancedb is not installed")
+    col = caselens.open("compat", home, create=True)
+    col.ingest(manifest=image_folder / "manifest.csv", progress=False)
+    db = lancedb.connect(str(col.path / "lance"))
+    items = db.open_table("items").to_arrow()
+    assert items.num_rows == 12 and set(items.column("id").to_pylist()) == set(col.storage.existing_ids())
+    assert json.loads(items.schema.metadata[b"caselens"])["encoder"]["spec"] == "classic"
+    assert db.open_table("ledger").count_rows() == 12
