@@ -65,3 +65,17 @@ class PseudonymKeyError(CaselensError, ValueError):
 
 class ConfigError(CaselensError, ValueError):
     """A setting (a name, an option, a configuration field) that cannot work; says which and why."""
+
+
+class TableDamagedError(CaselensError, RuntimeError):
+    """A Lance table of a collection (the items or the ledger) that cannot be read as committed:
+    a data file missing, truncated or undecodable, a manifest that does not decode. Names the
+    collection, the table and the file(s), and says to run ``caselens verify NAME --repair``."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, collection: str = "", table: str = "", files: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.collection = collection
+        self.table = table
+        self.files = tuple(files)

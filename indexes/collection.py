@@ -7,8 +7,13 @@ takes, which every command and every cold search would otherwise pay.
 
 :class:`Collection` owns the items table (ids, vectors, metadata columns, provenance; the encoder
 record as JSON in the schema metadata under the key ``caselens``), the ledger (every input and its
-outcome), the pseudonym key and the folder (:class:`~caselens.indexes.layout.Layout` names every
-file). Writers hold :attr:`Collection.lock`; readers never do: they read a
+outcome, :mod:`caselens.indexes.ledger`), the pseudonym key and the folder
+(:class:`~caselens.indexes.layout.Layout` names every file). Every row carries a checksum over its
+vector and stored fields (:func:`row_checksums`, computed here in :meth:`Collection.add`, the one
+place rows are written; checked by ``verify``). Every Lance call runs inside the collection's
+:class:`~caselens.indexes.damage.LanceGuard`, so a damaged file surfaces as a
+:class:`~caselens.errors.TableDamagedError` naming the collection and the file, never as Lance's
+own error. Writers hold :attr:`Collection.lock`; readers never do: they read a
 :class:`~caselens.indexes.snapshot.Snapshot` of one table version. The derived indexes (FAISS,
 BM25) are kept by :mod:`caselens.indexes.derived`, which imports this module and is never
 imported by it.
@@ -24,7 +29,6 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,28 +38,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from caselens.errors import BadVectorError, CollectionNotFoundError, ConfigError, EncoderMismatchError, PseudonymKeyError
+from caselens.errors import (BadVectorError, CollectionNotFoundError, ConfigError, EncoderMismatchError,
+                             PseudonymKeyError, TableDamagedError)
 from caselens.files import atomic_write_bytes, default_home
+from caselens.indexes.checksums import CHECKSUM_COLUMN, row_checksums
+from caselens.indexes.damage import LanceGuard, is_lance_failure, manifest_versions
 from caselens.indexes.layout import Layout
+from caselens.indexes.ledger import LEDGER_SCHEMA, Ledger, LedgerEntry
 from caselens.indexes.lock import WriteLock
+
+# Public here: a distributed runner that writes Lance fragments itself computes each row's
+# ``_checksum`` with the same function as Collection.add (canonical form: caselens.indexes.checksums).
+__all__ = ["CHECKSUM_COLUMN", "CORE_COLUMNS", "Collection", "LEDGER_SCHEMA", "LedgerEntry", "MetadataTypeError",
+           "STANDARD_METADATA", "column_name", "lance_filter", "list_collections", "quote", "row_checksums",
+           "take_rows", "vectors_of"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Columns every items table has; metadata keys become further columns beside them.
-CORE_COLUMNS = ("id", "_row", "kind", "vector", "source", "text", "provenance")
+CORE_COLUMNS = ("id", "_row", "kind", "vector", "source", "text", "provenance", CHECKSUM_COLUMN)
 # Metadata columns created up front so filters on them always parse.
 STANDARD_METADATA = ("label", "patient_id", "modality", "body_part", "study_uid", "series_uid")
-LEDGER_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string()),
-    pa.field("time", pa.string()),
-    pa.field("input", pa.string()),
-    pa.field("item_id", pa.string()),
-    pa.field("status", pa.string()),  # accepted | duplicate | rejected | deleted
-    pa.field("reason_code", pa.string()),
-    pa.field("reason", pa.string()),
-])
 
 
 class MetadataTypeError(ValueError):
@@ -114,17 +119,6 @@ def quote(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    """The fate of one input in one ingest run."""
-
-    input: str  # what was read: a path (relative to the source root) or a corpus row reference
-    status: str  # "accepted", "duplicate" (already stored, nothing added) or "rejected"
-    item_id: str = ""  # id of the stored item, when there is one
-    reason_code: str = ""  # short machine-readable reason for rejections ("corrupt_image", ...)
-    reason: str = ""  # human-readable reason with the hint to fix
-
-
 def _empty_vectors(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
 
@@ -154,12 +148,19 @@ def vectors_of(table: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
 class Collection:
     """One collection: the LanceDB items table, the ledger, the pseudonym key and the write lock."""
 
-    def __init__(self, layout: Layout, dataset: lance.LanceDataset):
+    def __init__(self, layout: Layout, dataset: lance.LanceDataset | None = None, *,
+                 info: dict[str, Any] | None = None):
         self.layout = layout
         self.root = layout.root
         self.name = layout.name
         self.lock = WriteLock(layout.lock_file)
-        self.info: dict[str, Any] = json.loads(dataset.schema.metadata[b"caselens"])
+        self.guard = LanceGuard(layout.name, layout.root, layout.items_dir, "items")
+        self.ledger_table = Ledger(layout.ledger_dir, self.lock,
+                                   LanceGuard(layout.name, layout.root, layout.ledger_dir, "ledger"))
+        if info is None:
+            with self.guard():
+                info = json.loads(dataset.schema.metadata[b"caselens"])
+        self.info: dict[str, Any] = info
         self._items = str(layout.items_dir)
         self._offsets: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, sorted _row, their offsets)
 
@@ -177,8 +178,11 @@ class Collection:
         return Layout(home / name).exists()
 
     @classmethod
-    def open(cls, name: str, home: Path | None = None) -> "Collection":
-        """Open an existing collection; :class:`CollectionNotFoundError` names what exists."""
+    def open(cls, name: str, home: Path | None = None, *, damaged: bool = False) -> "Collection":
+        """Open an existing collection; :class:`CollectionNotFoundError` names what exists, and
+        :class:`~caselens.errors.TableDamagedError` says when its latest table version cannot be
+        read. With ``damaged`` (for ``verify``), a collection whose latest manifest does not decode
+        is opened from the newest version that does (its reads still fail until it is repaired)."""
         home = Path(home) if home else default_home()
         cls.validate_name(name)
         layout = Layout(home / name)
@@ -187,7 +191,24 @@ class Collection:
             raise CollectionNotFoundError(
                 f"collection {name!r} not found under {home} (collections there: {known}); "
                 "create it with `caselens ingest` or pass --home")
-        return cls(layout, lance.dataset(str(layout.items_dir)))
+        guard = LanceGuard(layout.name, layout.root, layout.items_dir, "items")
+        try:
+            with guard():
+                return cls(layout, lance.dataset(str(layout.items_dir)))
+        except TableDamagedError:
+            if not damaged:
+                raise
+        for version, _ in manifest_versions(layout.items_dir):
+            try:
+                dataset = lance.dataset(str(layout.items_dir), version=version)
+                info = json.loads(dataset.schema.metadata[b"caselens"])
+            except Exception as exc:  # noqa: BLE001 - a manifest that does not decode: try an older one
+                if not is_lance_failure(exc) and not isinstance(exc, (KeyError, ValueError)):
+                    raise
+                continue
+            return cls(layout, info=info)
+        with guard():  # no version decodes: the error of the latest one
+            return cls(layout, lance.dataset(str(layout.items_dir)))
 
     @classmethod
     def create(cls, name: str, encoder: dict[str, Any], home: Path | None = None) -> "Collection":
@@ -214,12 +235,15 @@ class Collection:
             pa.field("source", pa.string()),
             pa.field("text", pa.string()),
             pa.field("provenance", pa.string()),
+            pa.field(CHECKSUM_COLUMN, pa.int64()),
         ] + [pa.field(c, pa.string()) for c in STANDARD_METADATA]
         schema = pa.schema(fields, metadata={"caselens": json.dumps(info, sort_keys=True)})
-        if not layout.ledger_dir.exists():
-            lance.write_dataset(LEDGER_SCHEMA.empty_table(), str(layout.ledger_dir), schema=LEDGER_SCHEMA, mode="create")
-        dataset = lance.write_dataset(schema.empty_table(), str(layout.items_dir), schema=schema,
-                                      mode="create")  # last: the collection exists once it does
+        guard = LanceGuard(name, layout.root, layout.items_dir, "items")
+        with guard():
+            Ledger(layout.ledger_dir, WriteLock(layout.lock_file),
+                   LanceGuard(name, layout.root, layout.ledger_dir, "ledger")).create()
+            dataset = lance.write_dataset(schema.empty_table(), str(layout.items_dir), schema=schema,
+                                          mode="create")  # last: the collection exists once it does
         log.info("created collection %s at %s", name, layout.root)
         return cls(layout, dataset)
 
@@ -234,8 +258,10 @@ class Collection:
         return int(self.encoder["dim"])
 
     def dataset(self, version: int | None = None) -> lance.LanceDataset:
-        """The items table as a Lance dataset: the latest version, or ``version`` (read-only)."""
-        return lance.dataset(self._items, version=version)
+        """The items table as a Lance dataset: the latest version, or ``version`` (read-only).
+        Calls on it belong inside ``with collection.guard():``."""
+        with self.guard():
+            return lance.dataset(self._items, version=version)
 
     @property
     def version(self) -> int:
@@ -259,7 +285,10 @@ class Collection:
         return key
 
     def count(self, where: str | None = None) -> int:
-        return int(self.dataset().count_rows(filter=lance_filter(where)))
+        dataset = self.dataset()
+        where = lance_filter(where)
+        with self.guard(where, dataset):
+            return int(dataset.count_rows(filter=where))
 
     def schema(self) -> pa.Schema:
         """The items table's schema: asked of LanceDB, or kept while this thread holds the write
@@ -273,7 +302,8 @@ class Collection:
         return facts["schema"]
 
     def columns(self) -> list[str]:
-        return [f.name for f in self.schema()]
+        """The table's columns (the internal ``_checksum`` left out)."""
+        return [f.name for f in self.schema() if f.name != CHECKSUM_COLUMN]
 
     def metadata_columns(self) -> list[str]:
         return [c for c in self.columns() if c not in CORE_COLUMNS]
@@ -300,21 +330,24 @@ class Collection:
     def existing_ids(self, ids: Iterable[str] | None = None) -> set[str]:
         """Ids already stored (restricted to ``ids`` when given)."""
         dataset = self.dataset()
-        if ids is not None:
-            ids = list(ids)
-            found: set[str] = set()
-            for start in range(0, len(ids), 500):
-                part = ids[start:start + 500]
-                rows = dataset.to_table(columns=["id"], filter=f"id IN ({','.join(quote(i) for i in part)})")
-                found.update(rows.column("id").to_pylist())
-            return found
-        return set(dataset.to_table(columns=["id"]).column("id").to_pylist())
+        with self.guard():
+            if ids is not None:
+                ids = list(ids)
+                found: set[str] = set()
+                for start in range(0, len(ids), 500):
+                    part = ids[start:start + 500]
+                    rows = dataset.to_table(columns=["id"], filter=f"id IN ({','.join(quote(i) for i in part)})")
+                    found.update(rows.column("id").to_pylist())
+                return found
+            return set(dataset.to_table(columns=["id"]).column("id").to_pylist())
 
     def rows(self, where: str | None = None, columns: Sequence[str] | None = None,
              limit: int | None = None) -> pa.Table:
         """Rows of the latest table version matching the SQL predicate ``where`` (all when None)."""
-        return self.dataset().to_table(columns=list(columns) if columns else None, filter=lance_filter(where),
-                                       limit=limit)
+        dataset = self.dataset()
+        where = lance_filter(where)
+        with self.guard(where, dataset):
+            return dataset.to_table(columns=list(columns) if columns else None, filter=where, limit=limit)
 
     def row_ids(self) -> np.ndarray:
         """Every ``_row`` number in the table (unsorted)."""
@@ -325,13 +358,14 @@ class Collection:
         read by position: no scan, whatever the table size (the ``_row`` -> position map is built
         once per table version, one scan of ``_row``)."""
         dataset = self.dataset()
-        cached = self._offsets
-        if cached is None or cached[0] != dataset.version:
-            rows = dataset.to_table(columns=["_row"]).column("_row").to_numpy()
-            order = np.argsort(rows, kind="stable")
-            cached = self._offsets = (dataset.version, rows[order], order.astype(np.int64))
-        _, rows, offsets = cached
-        return take_rows(dataset, rows, offsets, row_ids, columns)
+        with self.guard():
+            cached = self._offsets
+            if cached is None or cached[0] != dataset.version:
+                rows = dataset.to_table(columns=["_row"]).column("_row").to_numpy()
+                order = np.argsort(rows, kind="stable")
+                cached = self._offsets = (dataset.version, rows[order], order.astype(np.int64))
+            _, rows, offsets = cached
+            return take_rows(dataset, rows, offsets, row_ids, columns)
 
     def vectors(self, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(row numbers, vector matrix) of the rows matching ``where``."""
@@ -359,6 +393,8 @@ class Collection:
     def _ensure_columns(self, rows: list[dict]) -> None:
         schema = self._column_types()
         missing: dict[str, str] = {}
+        if CHECKSUM_COLUMN not in schema:  # a collection made before row checksums: its rows have none
+            missing[CHECKSUM_COLUMN] = "CAST(NULL AS BIGINT)"
         for row in rows:
             for key, value in row.items():
                 if key in schema or key in missing or value is None:
@@ -366,12 +402,13 @@ class Collection:
                 is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
                 missing[key] = "CAST(NULL AS DOUBLE)" if is_num else "CAST(NULL AS STRING)"
         if missing:
-            self.dataset().add_columns(missing)
+            with self.guard():
+                self.dataset().add_columns(missing)
             facts = self.lock.facts()
             if facts is not None:
                 facts.pop("schema", None)
                 facts.pop("types", None)
-            log.info("collection %s: new metadata columns %s", self.name, sorted(missing))
+            log.info("collection %s: new columns %s", self.name, sorted(missing))
 
     def coerce_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
         """Metadata keyed by column name with values converted to the columns' types.
@@ -400,7 +437,8 @@ class Collection:
 
     def add(self, records: list[dict[str, Any]], vectors: np.ndarray) -> int:
         """Append ``records`` (id, kind, source, text, provenance dict, metadata dict) with their
-        ``vectors``; returns the new table version. Vectors must be finite and of the right size."""
+        ``vectors``; returns the new table version. Vectors must be finite and of the right size.
+        Each row gets its checksum (:func:`row_checksums`) over the values as stored."""
         if not records:
             return self.version
         vectors = np.asarray(vectors, np.float32)
@@ -418,12 +456,22 @@ class Collection:
                 rows.append(row)
             self._ensure_columns(rows)
             schema = self.schema()
-            columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
+            columns = {f.name: [r.get(f.name) for r in rows] for f in schema
+                       if f.name not in ("vector", CHECKSUM_COLUMN)}
             columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
-            lance.write_dataset(pa.table({f.name: columns[f.name] for f in schema}, schema=schema), self._items,
-                                mode="append")
+            columns[CHECKSUM_COLUMN] = pa.nulls(len(rows), pa.int64())
+            table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+            table = table.set_column(schema.get_field_index(CHECKSUM_COLUMN), schema.field(CHECKSUM_COLUMN),
+                                     pa.array(row_checksums(table), pa.int64()))
+            self.write_rows(table)
             self.lock.facts()["next_row"] = start + len(rows)
             return self.version
+
+    def write_rows(self, table: pa.Table) -> None:
+        """Append rows that are complete as stored (``_row`` numbers and ``_checksum`` set, the
+        table's schema): :meth:`add` and repairs use it. Call holding the write lock."""
+        with self.guard():
+            lance.write_dataset(table, self._items, mode="append")
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -431,6 +479,15 @@ class Collection:
             return state if isinstance(state, dict) else {}
         except (OSError, ValueError):
             return {}
+
+    def keep_next_row(self, next_row: int) -> None:
+        """Make sure no row number below ``next_row`` is handed out again (``state.json``); call
+        holding the write lock."""
+        nxt = max(int(next_row), int(self._state().get("next_row", 0)))
+        atomic_write_bytes(self.layout.state_file, json.dumps({**self._state(), "next_row": nxt}).encode())
+        facts = self.lock.facts()
+        if facts is not None and facts.get("next_row", 0) < nxt:
+            facts["next_row"] = nxt
 
     def _next_row(self) -> int:
         """The next free ``_row`` number: past the largest stored and past every number handed out
@@ -448,11 +505,14 @@ class Collection:
         return nxt
 
     def compact(self) -> None:
-        """Merge the small files that batch-wise writes leave behind (keeps all data and versions)."""
+        """Merge the small files that batch-wise writes leave behind, in the table and the ledger
+        (keeps all data; table versions older than a week are cleaned up)."""
         with self.lock.hold():
-            dataset = self.dataset()
-            dataset.optimize.compact_files()
-            self.dataset().cleanup_old_versions(older_than=timedelta(days=7))
+            with self.guard():
+                dataset = self.dataset()
+                dataset.optimize.compact_files()
+                self.dataset().cleanup_old_versions(older_than=timedelta(days=7))
+            self.ledger_table.compact()
 
     def delete(self, ids: Sequence[str], run_id: str | None = None) -> list[str]:
         """Delete the items with these ``ids`` from the table and note each in the ledger as
@@ -466,10 +526,10 @@ class Collection:
             present = sorted(self.existing_ids(wanted))
             if not present:
                 return []
-            nxt = self._next_row()  # kept: numbers of deleted rows are never handed out again
-            atomic_write_bytes(self.layout.state_file, json.dumps({**self._state(), "next_row": nxt}).encode())
-            for i in range(0, len(present), 1000):
-                self.dataset().delete(f"id IN ({','.join(quote(x) for x in present[i:i + 1000])})")
+            self.keep_next_row(self._next_row())  # numbers of deleted rows are never handed out again
+            with self.guard():
+                for i in range(0, len(present), 1000):
+                    self.dataset().delete(f"id IN ({','.join(quote(x) for x in present[i:i + 1000])})")
             self.record(run_id or f"delete-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}",
                         [LedgerEntry(input=f"delete {x}", status="deleted", item_id=x, reason_code="deleted",
                                      reason="deleted on request") for x in present])
@@ -477,27 +537,14 @@ class Collection:
 
     # ----------------------------------------------------------------- ledger
     def record(self, run_id: str, entries: Sequence[LedgerEntry]) -> None:
-        """Append ingest outcomes to the ledger."""
-        if not entries:
-            return
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        lance.write_dataset(pa.table({
-            "run_id": [run_id] * len(entries), "time": [now] * len(entries),
-            "input": [e.input for e in entries], "item_id": [e.item_id for e in entries],
-            "status": [e.status for e in entries], "reason_code": [e.reason_code for e in entries],
-            "reason": [e.reason for e in entries]}, schema=LEDGER_SCHEMA), str(self.layout.ledger_dir), mode="append")
+        """Note ingest outcomes in the ledger: one row per input and outcome, a re-run counted in
+        its ``runs`` (see :mod:`caselens.indexes.ledger`)."""
+        self.ledger_table.record(run_id, entries)
 
     def ledger(self, run_id: str | None = None, item_ids: Sequence[str] | None = None) -> list[dict]:
-        """Ledger rows, optionally of one run or of some items."""
-        clauses = []
-        if run_id:
-            clauses.append(f"run_id = {quote(run_id)}")
-        if item_ids is not None:
-            if not item_ids:
-                return []
-            clauses.append(f"item_id IN ({','.join(quote(i) for i in item_ids)})")
-        ledger = lance.dataset(str(self.layout.ledger_dir))
-        return ledger.to_table(filter=" AND ".join(clauses) if clauses else None).to_pylist()
+        """Ledger rows (in write order), optionally of one run (the rows it was the first or the last
+        to meet) or of some items."""
+        return self.ledger_table.rows(run_id, item_ids)
 
     @property
     def ledger_path(self) -> Path:

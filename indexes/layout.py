@@ -11,6 +11,7 @@ A collection is the folder ``<home>/<name>/``::
     inputs.json          where each ingest run read its files (local, never an index column)
     secret.key           the pseudonym key (mode 0600; never printed, never in a table)
     state.json           facts only writers keep (the next free row number)
+    damaged/             files ``verify --repair`` set aside (never deleted)
     .lock                the write lock (flock)
 
 Other modules ask a :class:`Layout` for paths; none spells a file name of its own.
@@ -84,6 +85,12 @@ class Layout:
     @property
     def state_file(self) -> Path:
         return self.root / "state.json"
+
+    @property
+    def damaged_dir(self) -> Path:
+        """Where ``verify --repair`` moves files it cannot use (manifests that do not decode):
+        kept, never deleted."""
+        return self.root / "damaged"
 
     @property
     def lock_file(self) -> Path:

@@ -14,19 +14,21 @@ not the whole table), and :meth:`SnapshotReader.invalidate` drops everything it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from caselens.errors import QueryError
-from caselens.indexes.collection import Collection, lance_filter, take_rows, vectors_of
+from caselens.errors import QueryError, TableDamagedError
+from caselens.indexes.collection import CHECKSUM_COLUMN, Collection, lance_filter, take_rows, vectors_of
+from caselens.indexes.damage import LanceGuard
 from caselens.indexes.join_cache import JoinCache
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,9 @@ class Snapshot:
     """One version of the items table, as a reader sees it (immutable once built)."""
 
     def __init__(self, version: int, table: Any, dim: int, columns: tuple[str, ...], data: pa.Table | None,
-                 rows: np.ndarray):
+                 rows: np.ndarray, guard: LanceGuard | None = None):
         self.version = version  # the table version
+        self.guard = guard or _unguarded  # Lance reads run inside it: damage -> TableDamagedError
         self.dim = dim
         self.columns = columns  # the non-vector columns, in table order
         self._table = table  # the Lance dataset pinned at this version
@@ -88,7 +91,7 @@ class Snapshot:
         if self._cache is not None:
             return self._cache.values(row_ids)
         names = self.names
-        table = self.take(row_ids, list(names))
+        table = self.take(row_ids, list(names))  # guarded there
         by_row = {r[0]: r for r in zip(*(table.column(c).to_pylist() for c in names))}
         return [list(by_row[r]) if r in by_row else None for r in (int(x) for x in row_ids)]
 
@@ -109,8 +112,11 @@ class Snapshot:
         """The row number of the item ``item_id`` in this version, or None."""
         with self._lock:
             if self._ids is None:
-                ids = self._data.column("id") if self._data is not None else \
-                    self._table.to_table(columns=["id", "_row"])
+                if self._data is not None:
+                    ids = self._data.column("id")
+                else:
+                    with self.guard():
+                        ids = self._table.to_table(columns=["id", "_row"])
                 if isinstance(ids, pa.Table):
                     self._ids = dict(zip(ids.column("id").to_pylist(), ids.column("_row").to_pylist()))
                 else:
@@ -119,7 +125,11 @@ class Snapshot:
 
     def texts(self) -> tuple[np.ndarray, list[str]]:
         """(row numbers, texts) of the rows that have text."""
-        table = self._data if self._data is not None else self._table.to_table(columns=["_row", "text"])
+        if self._data is not None:
+            table = self._data
+        else:
+            with self.guard():
+                table = self._table.to_table(columns=["_row", "text"])
         table = table.filter(pc.is_valid(table.column("text")))
         return table.column("_row").to_numpy().astype(np.int64), table.column("text").to_pylist()
 
@@ -127,8 +137,12 @@ class Snapshot:
     def select(self, predicate: str) -> np.ndarray:
         """Sorted row numbers of this version matching the SQL ``predicate``
         (:class:`QueryError` naming the filter when it cannot be applied)."""
+        where = lance_filter(predicate)
         try:
-            found = self._table.to_table(columns=["_row"], filter=lance_filter(predicate))
+            with self.guard(where, self._table):  # damage while reading: TableDamagedError, not a filter error
+                found = self._table.to_table(columns=["_row"], filter=where)
+        except TableDamagedError:
+            raise
         except Exception as exc:  # LanceDB raises several types for a bad predicate
             raise QueryError(f"filter {predicate!r} could not be applied: {str(exc).splitlines()[0]}") from None
         return np.sort(found.column("_row").to_numpy().astype(np.int64))
@@ -136,7 +150,8 @@ class Snapshot:
     # -------------------------------------------------------------- vectors
     def take(self, row_ids: Sequence[int], columns: Sequence[str]) -> pa.Table:
         """``columns`` of the rows numbered ``row_ids`` at this version, read by position (no scan)."""
-        return take_rows(self._table, self.rows, self._offsets, row_ids, columns)
+        with self.guard():
+            return take_rows(self._table, self.rows, self._offsets, row_ids, columns)
 
     def vectors(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row numbers, vectors) of ``row_ids`` at this version, in the order of the row numbers
@@ -145,12 +160,18 @@ class Snapshot:
         if not len(row_ids):
             return vectors_of(pa.table({"_row": pa.array([], pa.int64())}), self.dim)
         if len(row_ids) == len(self.rows):  # all of them: one scan
-            table = self._table.to_table(columns=["_row", "vector"])
+            with self.guard():
+                table = self._table.to_table(columns=["_row", "vector"])
         else:
             table = self.take(row_ids, ["_row", "vector"])
         rows, vectors = vectors_of(table, self.dim)
         order = np.argsort(rows, kind="stable")
         return rows[order], vectors[order]
+
+
+@contextlib.contextmanager
+def _unguarded(*_: Any) -> Iterator[None]:
+    yield
 
 
 def _read_columns(table: Any, columns: Sequence[str], where: str | None = None) -> pa.Table:
@@ -160,8 +181,13 @@ def _read_columns(table: Any, columns: Sequence[str], where: str | None = None) 
 def build_snapshot(collection: Collection, version: int, previous: Snapshot | None = None) -> Snapshot:
     """The snapshot of ``collection`` at table ``version``; when ``previous`` has the same columns,
     only the rows added since are read, and rows deleted since are dropped from its copy."""
+    with collection.guard():
+        return _build_snapshot(collection, version, previous)
+
+
+def _build_snapshot(collection: Collection, version: int, previous: Snapshot | None) -> Snapshot:
     table = collection.dataset(version)
-    columns = tuple(f.name for f in table.schema if f.name != "vector")
+    columns = tuple(f.name for f in table.schema if f.name not in ("vector", CHECKSUM_COLUMN))
     rows_now = _read_columns(table, ["_row"]).column("_row").to_numpy().astype(np.int64)
     n = len(rows_now)
     data: pa.Table | None = None
@@ -188,7 +214,7 @@ def build_snapshot(collection: Collection, version: int, previous: Snapshot | No
                 data = None
     elif data is None:
         data = pa.table({c: pa.array([], table.schema.field(c).type) for c in columns})
-    return Snapshot(int(version), table, collection.dim, columns, data, rows_now)
+    return Snapshot(int(version), table, collection.dim, columns, data, rows_now, collection.guard)
 
 
 class SnapshotReader:

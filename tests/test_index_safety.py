@@ -155,15 +155,17 @@ def test_verify_checks_ledger_table_and_index_and_repairs_by_rebuilding(home: Pa
                             encoder_fingerprint=stamp.encoder_fingerprint, factory="Flat")
     report = derived.verify(coll)
     assert not report.ok and report.missing == ["ghost"]
+    assert report.phantoms == ["extra"]  # stored without an accepted ledger row
     assert any("not in the index" in p for p in report.index_problems)
     count = coll.count()
     report = derived.verify(coll, repair=True)
     assert report.repaired and not report.index_problems and report.missing == ["ghost"]
+    assert not report.phantoms and coll.ledger(item_ids=["extra"])[0]["reason_code"] == "recovered"
     assert coll.count() == count  # nothing dropped
     # deleting an item notes it in the ledger, so verify no longer expects it
     derived.delete(coll, ["v3"])
     report = derived.verify(coll, sample=100)
-    assert report.expected == 800 and report.missing == ["ghost"] and not report.index_problems
+    assert report.expected == 801 and report.missing == ["ghost"] and not report.index_problems  # 800 + ghost + extra - v3
 
 
 def test_cli_index_optimize_verify_and_info(home: Path, capsys: pytest.CaptureFixture) -> None:
