@@ -195,7 +195,29 @@ class Collection:
         """Delete items (noted in the ledger) and remove them from the derived indexes."""
         return derived.delete(self.storage, list(ids))
 
-    def verify(self, repair: bool = False, sample: int | None = None) -> dict[str, Any]:
-        """Check that ledger, table and index agree and each item finds itself (``repair`` rebuilds
-        a disagreeing index; table rows are never dropped)."""
-        return asdict(derived.verify(self.storage, repair=repair, sample=sample))
+    def verify(self, repair: bool = False, sample: int | None = None, reingest: bool = False) -> dict[str, Any]:
+        """Check the collection: every file of the table and the ledger reads and every row matches
+        its checksum, ledger and table agree (nothing missing, duplicated or phantom), the index
+        holds the table's rows and vectors and each item finds itself
+        (:func:`caselens.indexes.derived.verify`). Works on a damaged collection too.
+
+        ``repair`` makes new versions of a damaged table or ledger from the good copies of their
+        rows (nothing is deleted; what had no good copy is listed by run in ``missing_by_run``),
+        records phantoms in the ledger and rebuilds a disagreeing index. ``reingest`` then reads
+        the recorded input of each run that lost items again (``reingest`` in the result: what
+        could be done and why not) and checks once more (``after_reingest``)."""
+        from caselens.ingest import reingest as again
+
+        storage = Storage.open(self.name, self.home, damaged=True)
+        report = derived.verify(storage, repair=repair, sample=sample)
+        out = asdict(report)
+        steps = again.plan(storage, report.missing_by_run) if report.missing_by_run and not report.table_problems \
+            else []
+        out["reingest"] = [s.to_dict() for s in steps]
+        if reingest and any(s.possible for s in steps):
+            out["reingested"] = again.reingest(self.name, self.home, steps)
+            after = derived.verify(Storage.open(self.name, self.home), sample=sample)
+            out["after_reingest"] = {"ok": after.ok, "missing_count": after.missing_count, "missing": after.missing,
+                                     "items": after.items, "phantom_count": after.phantom_count}
+        self._storage = None  # the table may have a new version and new columns: open it again
+        return out

@@ -290,10 +290,13 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     shown = rows[-args.limit:]
-    out = table(f"ledger of {collection.name}: {len(rows)} rows" + (f", the last {len(shown)}" if len(shown) < len(rows) else ""),
-                   ("run", "input", "status", "item", "reason"),
+    out = table(f"ledger of {collection.name}: {len(rows)} rows (one per input and outcome)"
+                + (f", the last {len(shown)}" if len(shown) < len(rows) else ""),
+                   ("first run", "input", "status", "item", "runs", "reason"),
                    [(r["run_id"], r["input"] if len(r["input"]) <= 48 else "…" + r["input"][-47:], r["status"],
                      short_id(r["item_id"]) if r["item_id"] else "",
+                     str(r.get("runs") or 1) + (f" (last {r['last_run']})" if r.get("last_run") not in (None, r["run_id"])
+                                                 else ""),
                      f"{r['reason_code']}: {r['reason']}" if r["reason_code"] else "") for r in shown],
                    wrap=("reason",))
     console().print(out)
@@ -347,20 +350,73 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from caselens.errors import ConfigError
+
+    if args.reingest and not args.repair:
+        raise ConfigError("--reingest goes with --repair: `caselens verify NAME --repair --reingest`")
     collection = _collection(args)
-    report = collection.verify(repair=args.repair, sample=args.sample)
+    report = collection.verify(repair=args.repair, sample=args.sample, reingest=args.reingest)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        say(f"{collection.name}: {report['items']} items, {report['expected']} expected from the ledger; missing "
-            f"{report['missing_count']}, duplicated {report['duplicated_count']}, bad vectors {report['bad_vectors']}; "
-            f"self-search {report['self_checked'] - report['self_missed']}/{report['self_checked']}")
-        for problem in report["index_problems"]:
-            say(f"  index: {problem}")
-        for fix in report["repaired"]:
-            say(f"  repaired: {fix}")
-        say("OK" if report["ok"] else "PROBLEMS FOUND" + ("" if args.repair else " (run with --repair)"))
-    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
+        _print_verify(collection.name, report, args.repair)
+    ok = report["ok"] if "after_reingest" not in report else report["after_reingest"]["ok"] and not (
+        report["index_problems"] or report["table_problems"] or report["ledger_problems"])
+    return EXIT_OK if ok else EXIT_PROBLEMS
+
+
+def _some(ids: list[str], total: int, shown: int = 5) -> str:
+    """A few short ids, and how many more (the full ids are in --json)."""
+    text = ", ".join(short_id(i) for i in ids[:shown])
+    return text + (f" and {total - min(shown, len(ids))} more (--json for the full ids)" if total > shown else "")
+
+
+def _print_verify(name: str, report: dict[str, Any], repaired: bool) -> None:
+    say(f"{name}: {report['items']} items (table version {report['table_version']}), {report['expected']} expected "
+        f"from the ledger ({report['ledger_rows']} rows); missing {report['missing_count']}, duplicated "
+        f"{report['duplicated_count']}, phantom {report['phantom_count']}, bad vectors {report['bad_vectors']}, "
+        f"checksum mismatches {report['checksum_mismatches']}; self-search "
+        f"{report['self_checked'] - report['self_missed']}/{report['self_checked']}")
+    if report["index_compared"]:
+        say(f"  index copy: {report['index_compared']} vectors compared ({'exact' if report['index_exact'] else 'decoded'}), "
+            f"{report['index_mismatches']} differ")
+    for problem in report["table_problems"]:
+        say(f"  table: {problem}")
+    if report["checksum_mismatch_ids"]:
+        say(f"  rows that do not match their checksum: {_some(report['checksum_mismatch_ids'], report['checksum_mismatches'])}")
+    for problem in report["ledger_problems"]:
+        say(f"  ledger: {problem}")
+    for problem in report["index_problems"]:
+        say(f"  index: {problem}")
+    if report["missing"]:
+        say(f"  missing: {_some(report['missing'], report['missing_count'])}")
+    if report["phantoms"]:
+        say(f"  phantoms (stored, no accepted ledger row): {_some(report['phantoms'], report['phantom_count'])}")
+    for note in report["notes"]:
+        say(f"  note: {note}")
+    for fix in report["repaired"]:
+        say(f"  repaired: {fix}")
+    if report["lost_count"]:
+        say(f"  lost: {report['lost_count']} rows had no good copy")
+    for step in report.get("reingest", []):
+        what = f"run {step['run_id']} ({step['kind'] or 'no recorded input'}): {step['items']} missing item(s)"
+        say(f"  to ingest again: {what}" + ("" if step["possible"] else f"; {step['reason']}"))
+    for done in report.get("reingested", []):
+        say(f"  re-ingested run {done['run_id']} as run {done['new_run']}: {done['accepted']} accepted, "
+            f"{done['duplicates']} already present, {done['rejected']} rejected")
+    after = report.get("after_reingest")
+    if after is not None:
+        say(f"  after re-ingest: {after['items']} items, missing {after['missing_count']}, phantom {after['phantom_count']}")
+        say("OK" if after["ok"] else "PROBLEMS REMAIN")
+        return
+    if report["ok"]:
+        say("OK")
+    elif repaired:
+        possible = any(s["possible"] for s in report.get("reingest", []))
+        say("PROBLEMS REMAIN" + (f" (ingest the missing items again: caselens verify {name} --repair --reingest)"
+                                 if possible else ""))
+    else:
+        say(f"PROBLEMS FOUND (run `caselens verify {name} --repair`)")
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
@@ -537,9 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="the whole record as JSON")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("ledger", help="show what ingest accepted and rejected, with reasons")
+    s = sub.add_parser("ledger", help="show what ingest accepted and rejected, with reasons (one row per input and "
+                                      "outcome, with the runs that met it)")
     s.add_argument("collection")
-    s.add_argument("--run", help="only this run id")
+    s.add_argument("--run", help="only the rows this run was the first or the last to meet")
     s.add_argument("--status", choices=["accepted", "duplicate", "rejected", "deleted"])
     s.add_argument("--limit", type=int, default=50, help="rows to show (table output)")
     s.add_argument("--json", action="store_true")
@@ -559,9 +616,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_optimize)
 
-    s = sub.add_parser("verify", help="check ledger, table and FAISS index agree; --repair rebuilds the index")
+    s = sub.add_parser("verify", help="check every table file and row checksum, that ledger, table and FAISS index "
+                                      "agree; --repair rebuilds what is damaged from good copies")
     s.add_argument("collection")
-    s.add_argument("--repair", action="store_true", help="rebuild a damaged or disagreeing index (never drops data)")
+    s.add_argument("--repair", action="store_true",
+                   help="replace damaged table or ledger files by the good copies of their rows (older versions, the "
+                        "index), record phantoms, rebuild a damaged or disagreeing index; nothing is deleted, and "
+                        "what had no good copy is listed by run")
+    s.add_argument("--reingest", action="store_true",
+                   help="with --repair: read the recorded input of each run that lost items again (only the "
+                        "missing items are stored)")
     s.add_argument("--sample", type=int, help="items searched for themselves (default: all)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)

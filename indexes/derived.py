@@ -476,7 +476,9 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
             ledger_check = check_table(ledger.guard, keep=_ledger_columns())
         report.ledger_problems = ledger_check.problems()
         report.ledger_rows = ledger_check.rows
-        ledger_rows = normalise(ledger_check.data) if ledger_check.data is not None else None
+        ledger_rows = ledger_check.data
+        if ledger_rows is not None:  # rows that do not match their checksum say nothing reliable
+            ledger_rows = normalise(ledger_rows.filter(ledger_rows.column("_ok")).drop_columns(["_ok"]))
         if ledger_rows is not None and ledger_rows.num_rows > 1:
             ledger_rows = ledger_rows.take(np.argsort(ledger_rows.column("seq").to_numpy(), kind="stable"))
         expected = expected_ids(ledger_rows) if ledger_rows is not None else set()
@@ -554,7 +556,8 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
                 _self_search(report, index, stamp, rows, vecs, good, sample, k)
 
         if unusable:
-            report.notes.append("the index was not checked: the table is damaged (run with --repair)")
+            report.notes.append("the rows of files that cannot be read count as missing, and the index was not "
+                                "checked (run with --repair)")
         else:
             check_index()
             if repair and (report.index_problems or report.repairs):

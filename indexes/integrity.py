@@ -396,7 +396,7 @@ def repair_table(guard: LanceGuard, lock: WriteLock, damaged_dir: Path, check: T
         if bad:  # the newest manifests do not decode: the newest that does becomes the latest
             result.set_aside = [_relative(p, root) for p in bad]
             _set_aside(bad, damaged_dir, guard.table)
-            log.warning("collection %s: %s table manifests %s moved to %s", guard.collection, guard.table,
+            log.info("collection %s: %s table manifests %s moved to %s", guard.collection, guard.table,
                         result.set_aside, damaged_dir)
         if dataset is None:
             result.notes.append(f"{guard.table}: no version of the table can be read; nothing to rebuild it from")
@@ -492,7 +492,7 @@ def repair_table(guard: LanceGuard, lock: WriteLock, damaged_dir: Path, check: T
                 rewritten_indices=[])
             committed = lance.LanceDataset.commit(str(table_dir), operation, read_version=dataset.version)
         result.version_after = int(committed.version)
-        log.warning("collection %s: %s table repaired as version %d: %d rows kept, %d recovered, %d from the index, "
+        log.info("collection %s: %s table repaired as version %d: %d rows kept, %d recovered, %d from the index, "
                     "%d lost", guard.collection, guard.table, result.version_after, result.kept, result.recovered,
                     result.from_index, result.lost)
     return result

@@ -7,13 +7,15 @@ case or page to a vision-language generator, :mod:`caselens.retrieval.images`), 
 records its absolute input root, and the reading options that shape the pixels (DICOM window,
 PDF resolution), in this small JSON file inside the collection folder::
 
-    {"version": 1, "runs": {"<run id>": {"kind": "images" | "dicom" | "pdf", "root": "/abs/folder",
-                                          "time": "...Z", ...options}}}
+    {"version": 1, "runs": {"<run id>": {"kind": "images" | "dicom" | "pdf" | "text",
+                                          "root": "/abs/folder", "time": "...Z", ...options}}}
 
 It is a local file of the user's own collection: it is never copied into the items table or
 the ledger, and nothing prints it (search and ask output name items by id and relative source).
-The ledger (``Collection.ledger``) maps item id -> run id. Text corpora record nothing: their
-items carry their text.
+The ledger (``Collection.ledger``) maps item id -> run id. Each record also says how the input
+was read (manifest and its label/text columns, DICOM unit and pooling, PDF items, corpus file
+and fields), so that ``caselens verify --repair --reingest`` can read the input of a run again
+and store the items a repair could not save (:mod:`caselens.ingest.reingest`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def record_run(collection_root: Path, run_id: str, record: dict[str, Any]) -> No
 
 def input_record(source: Any) -> dict[str, Any] | None:
     """What a source says about its input root (``source.input_record()``), or None for sources
-    without files on disk (text corpora) or that cannot tell."""
+    that cannot tell."""
     method = getattr(source, "input_record", None)
     if not callable(method):
         return None

@@ -85,6 +85,7 @@ class ImageSource:
                                       f"(columns: {', '.join(columns)}); name the label column with --label-column")
                 self.rows = list(reader)
             self.manifest_dir = manifest.resolve().parent
+            self.manifest_name = manifest.name
             self.numeric = _numeric_columns(self.rows, [c for c in columns if c not in
                                                         ("path", "label", "patient_id", label_column, text_column)])
             if label_column == "label" and "label" not in columns:
@@ -98,7 +99,11 @@ class ImageSource:
 
         base = getattr(self, "manifest_dir", self.root)
         return {"kind": "images", "root": str(Path(base).resolve()),
-                "dicom": asdict(self.dicom_options or DicomOptions())}
+                "dicom": asdict(self.dicom_options or DicomOptions()),
+                # how to read the same input again (``verify --repair --reingest``)
+                "manifest": getattr(self, "manifest_name", None), "label_column": self.label_column,
+                "text_column": self.text_column, "label_from_folder": self.label_from_folder,
+                "files": self.files is not None}
 
     def estimate(self) -> int | None:
         if self.rows is not None:

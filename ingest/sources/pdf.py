@@ -112,7 +112,8 @@ class PdfSource:
         """The folder its items' files are relative to, and the rendering resolution, for the
         collection's local inputs file (:mod:`caselens.ingest.inputs`; never an index column)."""
         return {"kind": "pdf", "root": str(self.root.resolve()), "items": self.options.items,
-                "dpi": self.options.dpi}
+                "dpi": self.options.dpi, "ocr": self.options.ocr,
+                "file": self.path.name if self.path.is_file() else None}
 
     def estimate(self) -> int | None:
         return None  # pages and chunks per file are known only once read

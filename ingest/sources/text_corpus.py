@@ -33,6 +33,12 @@ class TextCorpusSource:
         self.id_field, self.text_field, self.limit = id_field, text_field, limit
         self.chunker = chunker  # rows longer than its size become chunk items "<id>#c<n>"
 
+    def input_record(self) -> dict[str, Any]:
+        """The corpus file and how its rows were read, for the collection's local inputs file
+        (:mod:`caselens.ingest.inputs`: how ``verify --repair --reingest`` reads it again)."""
+        return {"kind": "text", "root": str(self.path.resolve().parent), "file": self.path.name,
+                "id_field": self.id_field, "text_field": self.text_field, "limit": self.limit}
+
     def estimate(self) -> int | None:
         with self.path.open("rb") as fh:
             n = sum(1 for _ in fh)

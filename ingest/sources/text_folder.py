@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from caselens.errors import SourceError
 from caselens.ingest.chunking import Chunker, chunk_item
@@ -30,6 +30,11 @@ class TextFolderSource:
         if not self.root.is_dir():
             raise SourceError(f"text folder {root} does not exist or is not a folder")
         self.chunker = chunker
+
+    def input_record(self) -> dict[str, Any]:
+        """The folder, for the collection's local inputs file (:mod:`caselens.ingest.inputs`: how
+        ``verify --repair --reingest`` reads it again)."""
+        return {"kind": "text", "root": str(self.root.resolve()), "file": None}
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*") if p.is_file()
