@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from caselens.errors import EncoderMismatchError, IndexIntegrityError
+from caselens.errors import IndexIntegrityError
 from caselens.indexes import bm25_index, faiss_index
 from caselens.indexes.collection import Collection
 from caselens.indexes.index_choice import ChoiceConfig, choose_and_build, evaluate
