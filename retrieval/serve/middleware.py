@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -38,7 +39,8 @@ SECURITY_HEADERS = [
 ]
 NO_STORE = [(b"cache-control", b"no-store")]  # nothing the service sends is kept by browsers or proxies
 _REPLACED = {k for k, _ in SECURITY_HEADERS + NO_STORE}
-WINDOW = 2048  # latencies kept per route for the percentiles
+WINDOW = 2048
+_CONVERTER = re.compile(r":[a-z]+}")  # latencies kept per route for the percentiles
 
 
 class Metrics:
@@ -223,5 +225,5 @@ def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     if isinstance(path, str):
-        return path
+        return _CONVERTER.sub("}", path)  # {item_id:path} -> {item_id}
     return "(unmatched)"

@@ -13,11 +13,12 @@ from caselens.retrieval.serve.config import TOKEN_FILE, ServeConfig
 log = logging.getLogger(__name__)
 
 
-def run_server(config: ServeConfig, out: TextIO = sys.stdout) -> int:
+def run_server(config: ServeConfig, out: TextIO | None = None) -> int:
     """Serve ``config`` until interrupted. uvicorn's access log is off (it prints paths and query
     strings); the service writes its own, without PHI (:mod:`.middleware`)."""
     import uvicorn
 
+    out = out or sys.stdout
     from caselens.retrieval.serve.app import create_app
 
     app = create_app(config)
@@ -42,8 +43,9 @@ def run_server(config: ServeConfig, out: TextIO = sys.stdout) -> int:
 
 
 def token_command(home: Path, action: str, name: str | None = None, scope: str = "read",
-                  out: TextIO = sys.stdout) -> int:
+                  out: TextIO | None = None) -> int:
     """``caselens token create|list|revoke``: prints what it did; the new token is printed once."""
+    out = out or sys.stdout
     store = TokenStore(Path(home) / TOKEN_FILE)
     if action == "create":
         secret = store.create(name or "", scope)
