@@ -44,6 +44,17 @@ def build_home(root: Path, n_per_class: int = 6) -> tuple[Path, Path]:
     return home, folder
 
 
+_SHARED: dict[str, tuple[Path, Path]] = {}
+
+
+def shared_home(tmp_path_factory) -> tuple[Path, Path]:
+    """:func:`build_home` once per test session (the serve test modules share it; each starts its
+    own server). Tests may add items and tokens; none removes any."""
+    if "home" not in _SHARED:
+        _SHARED["home"] = build_home(tmp_path_factory.mktemp("serve-home"))
+    return _SHARED["home"]
+
+
 @dataclass
 class Live:
     """A running server: its base URL, tokens and the app's state."""
@@ -88,8 +99,9 @@ def start_server(config, tokens: dict[str, str] | None = None) -> Live:
     return Live(url=f"http://127.0.0.1:{port}", tokens=dict(tokens or {}), app=app, server=server, thread=thread)
 
 
-def make_tokens(home: Path) -> dict[str, str]:
+def make_tokens(home: Path, suffix: str = "") -> dict[str, str]:
+    """A read and a write token (named ``reader<suffix>``, ``writer<suffix>``), keyed "reader", "writer"."""
     from caselens.retrieval.serve.auth import TokenStore
 
     store = TokenStore(home / "tokens.json")
-    return {"reader": store.create("reader", "read"), "writer": store.create("writer", "write")}
+    return {"reader": store.create(f"reader{suffix}", "read"), "writer": store.create(f"writer{suffix}", "write")}
