@@ -492,6 +492,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          auth=not args.no_auth, cors_origins=tuple(args.cors_origin),
                          allowed_hosts=tuple(args.allowed_host), max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                          max_image_pixels=args.max_pixels, rate_per_second=args.rate_limit, rate_burst=args.rate_burst,
+                         search_threads=args.threads, encoder_threads=args.encoder_threads,
                          generator=args.generator, ingest_roots=tuple(Path(p) for p in args.ingest_root),
                          access_log=Path(args.access_log) if args.access_log else None)
     return run_server(config)
@@ -519,6 +520,9 @@ def _add_serve_parsers(sub: Any) -> None:
     s.add_argument("--rate-limit", type=float, default=20.0, help="requests/s per token (default 20; 0: off)")
     s.add_argument("--rate-burst", type=int, default=60, help="requests a token may make at once (default 60)")
     s.add_argument("--generator", default="auto", metavar="NAME", help="generator of /api/ask, as for `ask`")
+    s.add_argument("--threads", type=int, default=0, help="requests computed at once (default 0: one per core)")
+    s.add_argument("--encoder-threads", type=int, default=1,
+                   help="threads of one encoder call (default 1: requests run side by side; 0: torch's default)")
     s.add_argument("--ingest-root", action="append", default=[], metavar="DIR",
                    help="folder whose subfolders ingest jobs may read, repeatable (default: none, jobs refused)")
     s.add_argument("--access-log", metavar="FILE", help="append the access log (JSON lines, no PHI) here; default stderr")

@@ -39,7 +39,7 @@ def world(tmp_path_factory):
     incoming = root / "incoming"
     incoming.mkdir()
     tokens = make_tokens(home)
-    config = ServeConfig(home=home, collections=("cases", "kb"), generator="extractive", max_upload_bytes=MAX_UPLOAD,
+    config = ServeConfig(home=home, encoder_threads=0, collections=("cases", "kb"), generator="extractive", max_upload_bytes=MAX_UPLOAD,
                          rate_per_second=1000, rate_burst=1000, ingest_roots=(incoming,),
                          access_log=root / "access.log")
     live = start_server(config, tokens)
@@ -157,7 +157,7 @@ def test_path_traversal_in_ids_is_404(live, world, kind):
 
 def test_rate_limit_is_429_per_token(world):
     home = world["home"]
-    config = ServeConfig(home=home, rate_per_second=1, rate_burst=3)
+    config = ServeConfig(home=home, encoder_threads=0, rate_per_second=1, rate_burst=3)
     server = start_server(config, make_tokens_for(home, "rl"))
     try:
         statuses = [server.get("/api/collections", "rl-a").status_code for _ in range(6)]

@@ -33,7 +33,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def served(tmp_path_factory):
     home, folder = shared_home(tmp_path_factory)
     tokens = make_tokens(home, "-browser")
-    live = start_server(ServeConfig(home=home, collections=("cases", "kb"), generator="extractive",
+    live = start_server(ServeConfig(home=home, encoder_threads=0, collections=("cases", "kb"), generator="extractive",
                                     rate_per_second=1000, rate_burst=1000), tokens)
     yield live, folder
     live.stop()

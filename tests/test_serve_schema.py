@@ -36,7 +36,7 @@ def served(tmp_path_factory):
     home, _ = shared_home(tmp_path_factory)
     root = tmp_path_factory.mktemp("schema")
     (root / "incoming").mkdir()
-    live = start_server(ServeConfig(home=home, collections=("cases", "kb"), generator="extractive",
+    live = start_server(ServeConfig(home=home, encoder_threads=0, collections=("cases", "kb"), generator="extractive",
                                     rate_per_second=10_000, rate_burst=10_000, max_upload_bytes=1 << 20,
                                     ingest_roots=(root / "incoming",)), make_tokens(home, "-schema"))
     yield live

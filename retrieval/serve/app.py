@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from caselens import __version__
 from caselens.errors import CaselensError, QueryError
 from caselens.retrieval.serve.auth import TokenStore
-from caselens.retrieval.serve.backend import Backend, IngestSpec
+from caselens.retrieval.serve.backend import Backend, IngestSpec, set_encoder_threads
 from caselens.retrieval.serve.config import ServeConfig
 from caselens.retrieval.serve.errors import ServeError, TokenError, status_of
 from caselens.retrieval.serve.jobs import JobManager
@@ -107,6 +107,7 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        set_encoder_threads(config.encoder_threads)
         for name in config.collections:
             await anyio.to_thread.run_sync(backend.warm, name)
         try:

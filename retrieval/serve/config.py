@@ -39,6 +39,7 @@ class ServeConfig:
     rate_per_second: float = 20.0  # sustained requests per token (0: no limit)
     rate_burst: int = 60  # requests a token may make at once
     search_threads: int = 0  # searches run at once (0: one per CPU core); more wait their turn
+    encoder_threads: int = 1  # threads of one encoder call (torch); 0: torch's default (all cores)
     generator: str = "auto"  # for /api/ask: auto, extractive, gemma, hf:<path>, openai:<url> (server-side only)
     ingest_roots: tuple[Path, ...] = ()  # folders ingest jobs may read; none: ingest jobs refused
     access_log: Path | None = None  # JSON lines; None: the ``caselens.serve.access`` logger only
@@ -58,6 +59,8 @@ class ServeConfig:
         if self.rate_per_second < 0 or self.rate_burst < 1:
             raise ServeConfigError(f"rate limit {self.rate_per_second}/s burst {self.rate_burst}: give a rate "
                                    ">= 0 (0 turns it off) and a burst >= 1")
+        if self.encoder_threads < 0:
+            raise ServeConfigError(f"encoder_threads must be 0 (torch's default) or more, not {self.encoder_threads}")
         if self.search_threads < 0:
             raise ServeConfigError(f"search_threads must be 0 (one per core) or more, not {self.search_threads}")
         for origin in self.cors_origins:
