@@ -229,6 +229,22 @@ def test_search_by_upload_finds_the_image_itself_first(live, world):
     assert "stripes_2" not in json.dumps({k: v for k, v in body.items() if k != "hits"})  # upload name not echoed
 
 
+def test_search_by_jpeg_and_dicom_uploads(live, world, dicom_files):
+    buf = io.BytesIO()
+    Image.open(world["folder"] / "stripes_3.png").convert("RGB").save(buf, "JPEG", quality=95)
+    r = live.post("/api/collections/cases/search/image", files={"image": ("q.jpg", buf.getvalue(), "image/jpeg")})
+    assert r.status_code == 200 and r.json()["hits"][0]["label"] == "stripes"
+    ct = next(p for p in dicom_files if p.name == "CT_small.dcm")
+    r = live.post("/api/collections/cases/search/image",
+                  files={"image": ("ct.dcm", ct.read_bytes(), "application/dicom")}, data={"k": "3"})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 3
+    truncated = (world["folder"] / "stripes_3.png").read_bytes()
+    r = live.post("/api/collections/cases/search/image",
+                  files={"image": ("t.png", truncated[: len(truncated) // 2], "image/png")})
+    assert r.status_code == 400 and r.json()["error"] == "bad_query"
+    assert "the uploaded image" in r.json()["detail"] and "/tmp" not in r.json()["detail"]  # no server path
+
+
 def test_search_excludes_the_query_patient_and_applies_filters(live, world):
     r = search_upload(live, world["folder"] / "blob_1.png", k=12, exclude_same="patient_id")
     assert r.status_code == 200, r.text
