@@ -30,12 +30,14 @@ def main() -> None:
     args = p.parse_args()
     env = {**os.environ, "CASELENS_SCHEMATHESIS_EXAMPLES": str(args.examples), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                            "tests/test_serve_schema.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     out = proc.stdout + proc.stderr
     failures = re.findall(r"^(?:GET|POST) /api\S* \[[^\]]*\]:.*$", out, flags=re.M)
+    requests = re.findall(r"schemathesis: (\d+) requests", out)
     report = {"examples_per_operation_and_mode": args.examples, "passed": proc.returncode == 0,
+              "requests": int(requests[-1]) if requests else None,
               "failures": failures, "seconds": round(seconds, 1), "summary": out.strip().splitlines()[-1:],
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": os.getloadavg()},
               "checks": ["not_a_server_error", "status_code_conformance", "content_type_conformance",

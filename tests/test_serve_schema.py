@@ -71,5 +71,6 @@ def test_api_conforms_to_its_spec(served):
             except Exception as exc:  # noqa: BLE001 - every operation's failures are collected, then reported
                 failures.append(f"{operation.label} [{mode.value}{' ' + str(path_parameters) if path_parameters else ''}]:"
                                 f" {str(exc)[:1500]}")
+    print(f"schemathesis: {calls[0]} requests")
     assert calls[0] >= 16 * 2
     assert not failures, "\n\n".join(failures)

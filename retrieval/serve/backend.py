@@ -14,6 +14,7 @@ touched by a writer.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -28,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from caselens.errors import CollectionNotFoundError, QueryError, SourceError
+from caselens.files import atomic_write_bytes
 from caselens.indexes.collection import Collection, list_collections
 from caselens.indexes.faiss_index import read_stamp
 from caselens.ingest.items import content_id
@@ -278,9 +282,6 @@ class Backend:
         made by the library's image resolver (the input file found again and checked against its
         content hash, DICOM decoded, PDF page rendered). Nothing outside the cache is ever served.
         API: ``col.item_image(hit)`` (today ``caselens.retrieval.rag.images.item_image``)."""
-        from PIL import Image
-
-        from caselens.files import atomic_write_bytes
         from caselens.retrieval.rag.images import cache_dir, cache_path, item_image
 
         c = self.collection(name)
@@ -298,8 +299,6 @@ class Backend:
             with Image.open(path) as im:
                 im.load()
                 image = im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()
-            import io
-
             buffer = io.BytesIO()
             image.save(buffer, "PNG")
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import TextIO
 
 from caselens.retrieval.serve.auth import TokenStore
 from caselens.retrieval.serve.config import TOKEN_FILE, ServeConfig
+from caselens.retrieval.serve.errors import ServeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,10 @@ def run_server(config: ServeConfig, out: TextIO | None = None) -> int:
     from caselens.retrieval.serve.app import create_app
 
     app = create_app(config)
+    missing = [name for name in config.collections if name not in app.state.backend.names()]
+    if missing:
+        raise ServeConfigError(f"--collections: no collection {', '.join(map(repr, missing))} in {config.home}; "
+                               f"collections there: {', '.join(app.state.backend.names()) or 'none'}")
     store = TokenStore(config.tokens_path)
     access = logging.getLogger("caselens.serve.access")
     if config.access_log is None and not access.handlers:
