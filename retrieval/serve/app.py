@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from caselens import __version__
 from caselens.errors import CaselensError, QueryError
 from caselens.retrieval.serve.auth import TokenStore
-from caselens.retrieval.serve.backend import Backend, IngestSpec, set_encoder_threads
+from caselens.retrieval.serve.backend import Backend, IngestSpec, check_collection_name, set_encoder_threads
 from caselens.retrieval.serve.config import ServeConfig
 from caselens.retrieval.serve.errors import ServeError, TokenError, status_of
 from caselens.retrieval.serve.jobs import JobManager
@@ -338,15 +338,10 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
 def _ingest_spec(config: ServeConfig, name: str, body: IngestJobBody) -> IngestSpec:
     """The job's folder (and manifest), checked to lie under an allowed ingest root."""
-    from caselens.indexes.collection import Collection
-
     if not config.ingest_roots:
         raise ServeError(403, "ingest_disabled", "this server takes no ingest jobs; start it with "
                                                  "--ingest-root DIR to allow folders under DIR")
-    try:
-        Collection.validate_name(name)
-    except ValueError as exc:
-        raise ServeError(400, "bad_collection_name", str(exc)) from None
+    check_collection_name(name)
     given = FilePath(body.folder).expanduser()
     candidates = [given] if given.is_absolute() else [root / given for root in config.ingest_roots]
     for candidate in candidates:

@@ -46,6 +46,7 @@ FACET_COLUMNS = ("kind", "label", "modality", "body_part", "view_position")  # o
 FACET_MAX_ROWS = 200_000  # larger collections: no facet scan (filters are typed in)
 FACET_MAX_VALUES = 50
 ID_MAX = 512
+INGEST_KINDS = ("images", "dicom")
 VOTE_TEMPERATURE = 0.05  # diagnose placeholder: weight of a neighbour = exp((cosine - best) / this)
 
 
@@ -73,6 +74,21 @@ class IngestSpec:
     kind: str = "images"  # "images": image/DICOM files of a folder (+ manifest); "dicom": a DICOM export
     manifest: Path | None = None
     label_from_folder: bool = False
+
+    def __post_init__(self) -> None:
+        check_collection_name(self.collection)
+        if self.kind not in INGEST_KINDS:
+            raise SourceError(f"ingest kind {self.kind!r} is not known; use one of {', '.join(INGEST_KINDS)}")
+        if self.manifest is not None and self.kind != "images":
+            raise SourceError("a manifest goes with kind 'images'")
+
+
+def check_collection_name(name: str) -> str:
+    """``name`` when it can name a collection (400 ``bad_collection_name`` otherwise)."""
+    try:
+        return Collection.validate_name(name)
+    except ValueError as exc:
+        raise ServeError(400, "bad_collection_name", str(exc)) from None
 
 
 class _Counted:
@@ -407,7 +423,6 @@ class Backend:
         from caselens.ingest.sources.dicom import DicomOptions
         from caselens.ingest.volumes import pooled_record
 
-        Collection.validate_name(spec.collection)
         exists = Collection.exists(spec.collection, self.home)
         writer = Collection.open(spec.collection, self.home) if exists else None  # the job's own handle
         window = writer.encoder.get("window", "auto") if writer is not None else "auto"
@@ -418,13 +433,11 @@ class Backend:
             config = DicomSourceConfig(unit="instance", pooling=pooling, options=DicomOptions(window=window))
             source: Any = DicomSource(spec.folder, config=config)
             options = config.options
-        elif spec.kind == "images":
+        else:  # "images"
             options = DicomOptions(window=window)
             source = ImageSource(root=None if spec.manifest else spec.folder, manifest=spec.manifest,
                                  label_from_folder=spec.label_from_folder, dicom_options=options)
             pooling = "mean"
-        else:
-            raise SourceError(f"ingest kind {spec.kind!r} is not known; use images or dicom")
         encoder = load_from_record(writer.encoder) if writer is not None else load_encoder("classic")
         if writer is None:
             record = pooled_record(encoder.info.to_record(), pooling, options.window)
