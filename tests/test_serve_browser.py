@@ -68,8 +68,12 @@ def test_viewer_upload_filter_open_case_ask_and_citation(served, tmp_path):
             assert page.evaluate("sessionStorage.getItem('caselens-token')") == live.tokens["reader"]
             page.screenshot(path=shots / "1-token.png")
 
-            # 2. upload an image: a grid of thumbnails with score, label, modality, provenance
-            page.set_input_files("#file", str(folder / "blob_1.png"))
+            # 2. upload an image (keyboard: Enter on the drop zone opens the file chooser): a grid of
+            #    thumbnails with score, label, modality, provenance
+            page.focus("#drop")
+            with page.expect_file_chooser() as chooser:
+                page.keyboard.press("Enter")
+            chooser.value.set_files(str(folder / "blob_1.png"))
             cards = page.locator("#results .card")
             expect(cards).to_have_count(12)
             page.wait_for_function("""() => [...document.querySelectorAll('#results img.thumb')]
