@@ -79,13 +79,13 @@ class Live:
         self.thread.join(20)
 
 
-def start_server(config, tokens: dict[str, str] | None = None) -> Live:
-    """``create_app(config)`` served by uvicorn on 127.0.0.1 (a free port) in a daemon thread."""
+def start_server(config, tokens: dict[str, str] | None = None, backend=None) -> Live:
+    """``create_app(config, backend)`` served by uvicorn on 127.0.0.1 (a free port) in a daemon thread."""
     import uvicorn
 
     from caselens.retrieval.serve import create_app
 
-    app = create_app(config)
+    app = create_app(config, backend)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn-test")

@@ -27,6 +27,7 @@ from serve_support import Live, make_tokens, shared_home, start_server  # noqa: 
 
 from caselens.retrieval.serve import ServeConfig  # noqa: E402
 from caselens.retrieval.serve.auth import TokenStore  # noqa: E402
+from caselens.retrieval.serve.backend import Backend  # noqa: E402
 from caselens.retrieval.serve.errors import ServeConfigError  # noqa: E402
 
 MAX_UPLOAD = 1 << 20  # 1 MiB in these tests
@@ -216,6 +217,24 @@ def test_errors_are_json_with_reason_codes(live):
     assert r.status_code == 404 and r.json()["error"] == "not_found"
     r = live.post("/api/collections/cases/search/text", json={"text": "round"})
     assert r.status_code == 400 and r.json()["error"] == "unsupported_modality"  # classic has no text tower
+
+
+def test_unexpected_errors_are_json_500_logged_without_their_message(world, caplog):
+    class Failing(Backend):  # fault injection: a backend whose ledger call breaks
+        def ledger_summary(self, name: str, runs: int = 20) -> dict:
+            raise RuntimeError("CANARYPHI-4471 patient Jane Doe")
+
+    live = start_server(ServeConfig(home=world["home"], encoder_threads=0), make_tokens(world["home"], "-fault"),
+                        Failing(world["home"]))
+    try:
+        with caplog.at_level(logging.DEBUG):
+            r = live.get("/api/collections/cases/ledger")
+        assert r.status_code == 500 and r.json()["error"] == "internal_error"
+        assert "CANARYPHI" not in r.text and "Traceback" not in r.text
+        assert "RuntimeError" in caplog.text and "CANARYPHI" not in caplog.text and "Jane" not in caplog.text
+        assert live.get("/api/health", token=None).status_code == 200
+    finally:
+        live.stop()
 
 
 # ------------------------------------------------------------------ search, items, ledger, diagnose, ask
