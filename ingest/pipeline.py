@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -45,6 +45,7 @@ class IngestConfig:
     refresh_every: int = 50_000  # ... and during the run, each time this many items were written since
     progress: bool = True  # show a progress bar
     record_inputs: bool = True  # note the run's absolute input root in <collection>/inputs.json (see ingest.inputs)
+    on_progress: Callable[[int, int | None], None] | None = None  # called with (inputs done, inputs expected)
 
 
 @dataclass
@@ -204,7 +205,9 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
     limit = encoder.max_tokens() if source.kind == "text" else None
     seen: set[str] = set()
     last_input: str | None = None  # the input of the batch's last item: chunks of one row may span batches
-    bar = tqdm(total=source.estimate(), unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
+    expected = source.estimate()
+    inputs_done = 0
+    bar = tqdm(total=expected, unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
     refreshed_at = 0  # items written when the derived indexes were last refreshed
     with collection.lock.hold():
         if config.record_inputs:
@@ -273,6 +276,9 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                 report.accepted += len(records)
                 done, last_input = _inputs_done(batch, last_input)
                 bar.update(done)
+                inputs_done += done
+                if config.on_progress is not None:
+                    config.on_progress(inputs_done, expected)
         except BaseException:
             try:  # keep what finished before the error (a kill cannot, a re-run redoes it)
                 writer.flush()

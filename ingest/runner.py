@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from caselens.errors import SourceError, UnsupportedModalityError
 from caselens.indexes.collection import Collection, default_home
@@ -74,7 +74,8 @@ class IngestRequest:
     batch_size: int = 32
     write_items: int = 1024
     build_index: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal
+    on_progress: Callable[[int, int | None], None] | None = None  # called with (inputs done, inputs expected)
 
     def __post_init__(self) -> None:
         kinds = [k for k, given in (("images", self.images is not None or self.manifest is not None),
@@ -222,6 +223,7 @@ def run_ingest(name: str, request: IngestRequest, home: Path | str | None = None
     report = ingest(source, collection, encoder, IngestConfig(batch_size=request.batch_size,
                                                               write_items=request.write_items,
                                                               build_index=request.build_index,
-                                                              progress=request.progress))
+                                                              progress=request.progress,
+                                                              on_progress=request.on_progress))
     report.notes[:0] = notes
     return report
