@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -36,6 +35,8 @@ import pyarrow.compute as pc
 from caselens.errors import (BadVectorError, CollectionNotFoundError, EncoderMismatchError,
                              IndexIntegrityError)
 from caselens.indexes import faiss_index
+from caselens.indexes.rows import (CORE_COLUMNS, MetadataTypeError, arrow_rows, coerce_metadata,
+                                     column_name, missing_columns, table_row)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ ITEMS = "items"
 LEDGER = "ledger"
 _TAKE = pc.get_function("take")  # called directly: pc.take's Python wrapper costs more than the take
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Columns every items table has; metadata keys become further columns beside them.
-CORE_COLUMNS = ("id", "_row", "kind", "vector", "source", "text", "provenance")
 # Metadata columns created up front so filters on them always parse.
 STANDARD_METADATA = ("label", "patient_id", "modality", "body_part", "study_uid", "series_uid")
 LEDGER_SCHEMA = pa.schema([
@@ -69,10 +68,6 @@ def _manifest_v2(version: int) -> str:
     return f"{(1 << 64) - 1 - version:020d}.manifest"
 
 
-class MetadataTypeError(ValueError):
-    """A metadata value that does not fit the type of its existing column."""
-
-
 def default_home() -> Path:
     """Where collections live: ``$CASELENS_HOME`` or ``./caselens-data``."""
     return Path(os.environ.get("CASELENS_HOME", "caselens-data")).expanduser()
@@ -84,16 +79,6 @@ def list_collections(home: Path | None = None) -> list[str]:
     if not home.is_dir():
         return []
     return sorted(p.name for p in home.iterdir() if (p / "lance" / f"{ITEMS}.lance").exists())
-
-
-def column_name(key: str) -> str:
-    """The column a metadata key is stored in: lower-case letters, digits and underscores."""
-    name = re.sub(r"[^0-9a-zA-Z_]+", "_", key.strip()).strip("_").lower() or "field"
-    if name[0].isdigit():
-        name = f"m_{name}"
-    if name in CORE_COLUMNS or name.startswith("_"):
-        name = f"meta_{name.lstrip('_')}"
-    return name
 
 
 @dataclass(frozen=True)
@@ -575,14 +560,7 @@ class Collection:
             self._ensure_columns([metadata])
 
     def _ensure_columns(self, rows: list[dict]) -> None:
-        schema = self._column_types()
-        missing: dict[str, str] = {}
-        for row in rows:
-            for key, value in row.items():
-                if key in schema or key in missing or value is None:
-                    continue
-                is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
-                missing[key] = "CAST(NULL AS DOUBLE)" if is_num else "CAST(NULL AS STRING)"
+        missing = missing_columns(rows, self._column_types())
         if missing:
             self._table.add_columns(missing)
             self._checked_at = -1.0  # cached version is stale
@@ -597,25 +575,7 @@ class Collection:
 
         Raises :class:`MetadataTypeError` for a value that cannot be converted.
         """
-        types = self._column_types()
-        out: dict[str, Any] = {}
-        for key, value in metadata.items():
-            col = column_name(key)
-            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
-                out[col] = None
-                continue
-            kind = types.get(col)
-            if kind is not None and pa.types.is_floating(kind):
-                try:
-                    out[col] = float(value)
-                except (TypeError, ValueError):
-                    raise MetadataTypeError(f"metadata {key!r}={value!r} is not a number, but column "
-                                            f"{col!r} holds numbers") from None
-            elif kind is not None and pa.types.is_string(kind):
-                out[col] = str(value)
-            else:
-                out[col] = value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else str(value)
-        return out
+        return coerce_metadata(metadata, self._column_types())
 
     def add(self, records: list[dict[str, Any]], vectors: np.ndarray) -> int:
         """Append ``records`` (id, kind, source, text, provenance dict, metadata dict) with their
@@ -632,17 +592,10 @@ class Collection:
 
     def _add_locked(self, records: list[dict[str, Any]], vectors: np.ndarray) -> int:
         start = self._next_row()
-        rows = []
-        for i, rec in enumerate(records):
-            row = {"id": rec["id"], "_row": start + i, "kind": rec["kind"], "source": rec.get("source"),
-                   "text": rec.get("text"), "provenance": json.dumps(rec.get("provenance", {}), sort_keys=True)}
-            row.update(self.coerce_metadata(rec.get("metadata", {})))
-            rows.append(row)
+        rows = [table_row(rec, start + i, self.coerce_metadata(rec.get("metadata", {})))
+                for i, rec in enumerate(records)]
         self._ensure_columns(rows)
-        schema = self._schema()
-        columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
-        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
-        self._table.add(pa.table({f.name: columns[f.name] for f in schema}, schema=schema))
+        self._table.add(arrow_rows(rows, vectors, self._schema()))
         self._checked_at = -1.0  # cached version is stale
         held = self._held()
         if held is not None:
@@ -695,6 +648,11 @@ class Collection:
     @property
     def ledger_path(self) -> Path:
         return self.root / "lance" / f"{LEDGER}.lance"
+
+    @property
+    def items_path(self) -> Path:
+        """The items table's Lance dataset (what distributed writers write fragments into)."""
+        return self.root / "lance" / f"{ITEMS}.lance"
 
     # ------------------------------------------------------------------ index
     @property
