@@ -47,3 +47,7 @@ class QueryError(CaselensError, ValueError):
 
 class SourceError(CaselensError, ValueError):
     """A source (folder, manifest, corpus) that cannot be read at all."""
+
+
+class RunnerError(CaselensError, RuntimeError):
+    """A distributed runner that cannot start: its engine is not installed or its cluster not reachable."""

@@ -119,10 +119,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                       f"{encoder.info.spec} ({encoder.info.dim}-d, fingerprint {encoder.info.fingerprint})")
     if isinstance(source, ImageSource) or args.dicom:
         source.secret = collection.secret()  # pseudonyms are keyed per collection
-    report = ingest(source, collection, encoder, IngestConfig(batch_size=args.batch_size,
-                                                              write_items=args.write_items,
-                                                              build_index=not args.no_index,
-                                                              progress=not args.quiet))
+    config = IngestConfig(batch_size=args.batch_size, write_items=args.write_items, build_index=not args.no_index,
+                          progress=not args.quiet)
+    if args.runner == "ray":  # ---- Ray runner (caselens.ingest.ray_runner): same stages on a cluster
+        from caselens.ingest.ray_runner import RayConfig, ingest as ray_ingest
+
+        report = ray_ingest(source, collection, encoder, config,
+                            RayConfig(address=args.address, encoder_workers=args.encoder_workers,
+                                      gpus_per_worker=args.gpus_per_worker))
+    else:
+        report = ingest(source, collection, encoder, config)
     console.print(report.summary())
     return 0 if report.accepted or report.duplicates else 1
 
@@ -547,6 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "fewer: less work redone after a crash, more table versions)")
     s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS index afterwards")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    # ---- Ray runner (docs/scaling.md)
+    s.add_argument("--runner", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray Data tasks and encoder actors, Lance fragments "
+                        "written in parallel (pip install 'caselens[ray]')")
+    s.add_argument("--address", help="--runner ray: 'auto' (the running cluster), 'ray://host:port' or host:port "
+                                     "(default: start a local Ray)")
+    s.add_argument("--encoder-workers", type=int, default=1, metavar="N",
+                   help="--runner ray: encoder actors, each holding one copy of the model (default 1)")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="--runner ray: GPUs per encoder actor (default 0: CPU)")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("scan", help="list what a DICOM export holds (patients, studies, series; pseudonyms only)")
