@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lance
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from lance.file import LanceFileReader
@@ -93,3 +94,23 @@ def stored_ids(table: lance.LanceDataset, ids: Sequence[str]) -> set[str]:
         got = table.to_table(columns=["id"], filter=pc.field("id").isin(part))
         found.update(got.column("id").to_pylist())
     return found
+
+
+def fragment_rows_at(uri: str | Path, version: int) -> list[tuple[int, int]]:
+    """(fragment id, live rows) of the dataset at ``uri`` as of ``version``."""
+    return [(f.fragment_id, f.count_rows()) for f in lance.dataset(str(uri), version=version).get_fragments()]
+
+
+def read_vectors(uri: str | Path, version: int,
+                 pieces: Sequence[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(row numbers, vectors) of the ``pieces`` (fragment id, first live row, rows) of the dataset
+    at ``version``, deleted rows left out: one shard of a distributed index build."""
+    table = lance.dataset(str(uri), version=version)
+    dim = table.schema.field("vector").type.list_size
+    rows, vectors = [np.zeros(0, np.int64)], [np.zeros((0, dim), np.float32)]
+    for fid, offset, limit in pieces:
+        got = table.get_fragment(fid).to_table(columns=["_row", "vector"], offset=offset, limit=limit)
+        rows.append(got.column("_row").to_numpy().astype(np.int64))
+        flat = got.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        vectors.append(np.asarray(flat, np.float32).reshape(got.num_rows, dim))
+    return np.concatenate(rows), np.concatenate(vectors)

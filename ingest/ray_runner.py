@@ -40,20 +40,15 @@ import json
 import logging
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from caselens.errors import RunnerError
+from caselens.cluster import connect, ray_module
 
-try:
-    import ray
-    import ray.data
-except ImportError as _exc:  # the optional extra is missing
-    raise RunnerError(f"the Ray runner needs Ray Data ({_exc.msg}): pip install 'caselens[ray]'") from None
+ray = ray_module()  # RunnerError (how to install it) when Ray is missing
 
 from caselens.indexes import fragments
 from caselens.indexes.collection import Collection, LedgerEntry
@@ -97,19 +92,6 @@ class RayConfig:
 
 
 # ------------------------------------------------------------------ driver
-def connect(config: RayConfig) -> None:
-    """Join (or start) the Ray cluster named by ``config.address`` unless this process already is."""
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"address": config.address, "log_to_driver": True}
-    if config.runtime_env:
-        kwargs["runtime_env"] = config.runtime_env
-    with warnings.catch_warnings():  # Ray starts its processes with fork+exec: no Lance runtime runs there
-        warnings.filterwarnings("ignore", message="lancedb fork support")
-        warnings.filterwarnings("ignore", message="lance is not fork-safe")
-        ray.init(**kwargs)
-
-
 class _Committer:
     """The driver's end: fragments in input order, duplicates within the run settled, one Lance
     commit per group of fragments followed by the group's ledger rows."""
@@ -169,6 +151,7 @@ class _Committer:
         """A batch whose metadata needs new columns: coerced and columns made item by item, as the
         local pipeline does, then written here."""
         col = self.collection
+        col.version  # noqa: B018 -- LanceDB's handle moves to the latest version (our Appends) before it adds columns
         vecs = np.frombuffer(vectors, np.float32).reshape(len(records), -1) if records else None
         by_row = {o["row"]: o for o in outcomes if o["status"] == "accepted" and o["row"] >= 0}
         kept, metas = [], []
@@ -243,7 +226,7 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         if not callable(getattr(source, method, None)):
             raise TypeError(f"{type(source).__name__} cannot be read in parts (no {method}()); ingest it "
                             "with the local runner")
-    connect(rc)
+    connect(rc.address, rc.runtime_env)
     report = IngestReport(run_id=uuid.uuid4().hex[:12], collection=collection.name, root=collection.root)
     start_time = time.perf_counter()
     record = encoder.info.to_record()
@@ -294,6 +277,7 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
             ray.kill(counter)
         committer.flush()
         if report.accepted:
+            collection.version  # noqa: B018 -- see _write_deferred: compact the latest version
             collection.compact()
     bar.close()
     if config.build_index:
@@ -317,4 +301,4 @@ def _rows(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
         raise
 
 
-__all__ = ["RayConfig", "connect", "ingest"]
+__all__ = ["RayConfig", "ingest"]

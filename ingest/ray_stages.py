@@ -157,7 +157,8 @@ class EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fault("encode")
-        items: list[Item | None] = list(batch["item"])
+        # an all-None column comes back from Arrow as NaNs: anything not an Item has nothing to encode
+        items: list[Item | None] = [it if isinstance(it, Item) else None for it in batch["item"]]
         outcomes = [str(o) for o in batch["outcome"]]
         records = [""] * len(items)
         vectors = np.zeros((len(items), self.dim), np.float32)
