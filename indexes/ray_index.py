@@ -147,6 +147,7 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
             trained_bytes = ray.get(ray.remote(_train).options(**options).remote(sample, factory))
             trained_name = f"trained-v{version}-{tag}.faiss"
             atomic_write_bytes(folder / trained_name, trained_bytes)
+        trained_at = time.perf_counter()
         trained_ref = ray.put(trained_bytes)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n_shards = config.shards or max(1, min(cpus, total // 50_000 or 1))
@@ -157,15 +158,18 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
             groups = plan_shards(counts, n_shards)
             done = ray.get([task.remote(uri, version, g, trained_ref, str(work / f"shard_{i:05d}.faiss"))
                             for i, g in enumerate(groups)])
+            added_at = time.perf_counter()
             trained = faiss.deserialize_index(trained_bytes)
             ivfdata = (folder / f"index-v{version}-{tag}.ivfdata").resolve()
             merged = faiss_index.merge_ivf_shards(trained, [Path(p) for p, _ in done], ivfdata)
+            merged_at = time.perf_counter()
         finally:
             shutil.rmtree(work, ignore_errors=True)
         nprobe = config.nprobe or max(8, lists // 32)
         choice = {"method": "ray-sharded", "shards": len(groups), "trained": trained_name, "ivfdata": ivfdata.name,
                   "ivfdata_bytes": ivfdata.stat().st_size, "ivfdata_sha256": sha256_file(ivfdata),
-                  "total_seconds": round(time.perf_counter() - start, 2)}
+                  "train_seconds": round(trained_at - start, 2), "add_seconds": round(added_at - trained_at, 2),
+                  "merge_seconds": round(merged_at - added_at, 2), "total_seconds": round(time.perf_counter() - start, 2)}
         stamp = faiss_index.write_index(merged, folder, table_version=version,
                                         encoder_fingerprint=collection.encoder["fingerprint"], factory=factory,
                                         params={"nprobe": nprobe}, choice=choice, trained_on=total)

@@ -47,9 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caselens.cluster import connect, ray_module
-
-ray = ray_module()  # RunnerError (how to install it) when Ray is missing
-
+from caselens.errors import CaselensError
 from caselens.indexes import fragments
 from caselens.indexes.collection import Collection, LedgerEntry
 from caselens.indexes.rows import MetadataTypeError, arrow_rows, table_row
@@ -58,6 +56,8 @@ from caselens.ingest.items import Source
 from caselens.ingest.pipeline import ID_SET_MAX, IngestConfig, IngestReport, check_run, record_inputs
 from caselens.ingest.ray_stages import (DUPLICATE_REASON, EncodeActor, RowCounter, SecretRef, fault, read_headers,
                                         read_parts, write_batch)
+
+ray = ray_module()  # RunnerError (how to install it) when Ray is missing
 
 log = logging.getLogger(__name__)
 
@@ -290,14 +290,19 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
 
 
 def _rows(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:
-    """The written batches, in input order; an error raised by our code in a worker is raised here
-    as itself (not wrapped in Ray's task error)."""
+    """The written batches, in input order; a caselens error raised in a worker (e.g.
+    :class:`BadVectorError` with ``on_bad_vectors="error"``) is raised here as itself, not
+    wrapped in Ray's task errors."""
     try:
         yield from ds.iter_rows()
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
-        if cause is not None and type(cause).__module__.startswith("caselens"):
-            raise cause from None
+    except ray.exceptions.RayError as exc:
+        err: BaseException | None = exc
+        for _ in range(8):  # Ray wraps: RayTaskError -> UserCodeException -> the error raised
+            if err is None or isinstance(err, CaselensError):
+                break
+            err = err.__cause__ or getattr(err, "cause", None)
+        if isinstance(err, CaselensError):
+            raise err from None
         raise
 
 

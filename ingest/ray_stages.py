@@ -23,8 +23,8 @@ import threading
 from typing import Any
 
 import numpy as np
-import ray
 
+from caselens.cluster import ray_module
 from caselens.errors import BadVectorError, EncoderMismatchError
 from caselens.indexes import fragments
 from caselens.indexes.rows import MetadataTypeError, arrow_rows, coerce_metadata, table_row
@@ -33,6 +33,8 @@ from caselens.ingest.embed import encode_items
 from caselens.ingest.encoders import load_from_record
 from caselens.ingest.encoders.base import Encoder
 from caselens.ingest.items import Item, Rejection
+
+ray = ray_module()  # RunnerError (how to install it) when Ray is missing
 
 # Test hook: a folder named by this variable; a file ``<point>`` in it makes the process reaching
 # that point remove the file and die at once (``read``, ``encode``: os._exit of a worker;
