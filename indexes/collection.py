@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 from caselens.errors import (BadVectorError, CollectionNotFoundError, EncoderMismatchError,
                              IndexIntegrityError)
 from caselens.indexes import faiss_index
-from caselens.indexes.rows import (CORE_COLUMNS, MetadataTypeError, arrow_rows, coerce_metadata,
-                                     column_name, missing_columns, table_row)
+from caselens.indexes.rows import (CORE_COLUMNS, MetadataTypeError, arrow_rows, coerce_metadata,  # noqa: F401
+                                     column_name, missing_columns, table_row)  # (the first two re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -257,6 +257,12 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         if report.accepted:
             collection.compact()
     bar.close()
+    return finish_run(report, collection, config, start)
+
+
+def finish_run(report: IngestReport, collection: Collection, config: IngestConfig, start: float) -> IngestReport:
+    """After the writes (write lock released): refresh the FAISS index when asked, then the
+    report's totals and time (``start``: ``time.perf_counter()`` when the run began)."""
     if config.build_index:
         report.index = collection.build_index()
     report.table_version = collection.version

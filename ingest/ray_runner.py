@@ -53,7 +53,8 @@ from caselens.indexes.collection import Collection, LedgerEntry
 from caselens.indexes.rows import MetadataTypeError, arrow_rows, table_row
 from caselens.ingest.encoders.base import Encoder
 from caselens.ingest.items import Source
-from caselens.ingest.pipeline import ID_SET_MAX, IngestConfig, IngestReport, check_run, record_inputs
+from caselens.ingest.pipeline import (ID_SET_MAX, IngestConfig, IngestReport, check_run, finish_run,
+                                      record_inputs)
 from caselens.ingest.ray_stages import (DUPLICATE_REASON, EncodeActor, RowCounter, SecretRef, fault, read_headers,
                                         read_parts, write_batch)
 
@@ -280,13 +281,7 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
             collection.version  # noqa: B018 -- see _write_deferred: compact the latest version
             collection.compact()
     bar.close()
-    if config.build_index:
-        report.index = collection.build_index()
-    report.table_version = collection.version
-    report.total_items = collection.count()
-    report.seconds = time.perf_counter() - start_time
-    log.info(report.summary())
-    return report
+    return finish_run(report, collection, config, start_time)
 
 
 def _rows(ds: ray.data.Dataset) -> Iterator[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,10 @@ def ray_cluster(tmp_path_factory):
     os.environ[FAULTS_ENV] = str(faults)  # set before the cluster starts: its workers inherit it
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with warnings.catch_warnings():  # Ray starts its processes with fork+exec: nothing of Lance runs there
+        warnings.filterwarnings("ignore", message="lancedb fork support")
+        warnings.filterwarnings("ignore", message="lance is not fork-safe")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield faults
     finally:

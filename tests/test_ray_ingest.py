@@ -27,6 +27,7 @@ from conftest import make_images
 
 ray_runner = pytest.importorskip("caselens.ingest.ray_runner")
 RayConfig = ray_runner.RayConfig
+SecretRef = pytest.importorskip("caselens.ingest.ray_stages").SecretRef
 QUIET = dict(progress=False, build_index=False)
 # small parts, fragments and commits, so one run writes several fragments and commits
 SMALL = RayConfig(part_inputs=3, fragment_rows=4)
@@ -91,10 +92,39 @@ def test_images_with_manifest_same_table_and_ledger_as_local(ray_cluster, home: 
     assert distributed.version > 4, "expected several commits"
     _assert_same(local, distributed)
     assert "age" in distributed.columns()  # a column the manifest brought, made as locally
+    _assert_secret_not_in_ray_logs(distributed.secret())
     # a second run adds nothing: every input a duplicate or the same rejection
     again = ray_runner.ingest(ImageSource(manifest=manifest, secret=distributed.secret()), distributed, classic,
                               IngestConfig(**QUIET), SMALL)
     assert (again.accepted, again.duplicates) == (0, 15) and distributed.count() == 14
+
+
+def _assert_secret_not_in_ray_logs(secret: bytes) -> None:
+    """The pseudonym key reaches the workers as a Ray object only: never in a log, a task or actor
+    description (all of which Ray writes under its session folder)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    needles = [secret.hex().encode(), repr(secret).encode(), secret]
+    for path in logs.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(n in data for n in needles), f"the collection secret appears in {path}"
+
+
+def test_part_readers_carry_no_secret_and_no_inputs(tmp_path: Path) -> None:
+    manifest = _image_inputs(tmp_path / "images")
+    source = ImageSource(manifest=manifest, secret=b"s" * 32)
+    reader = source.part_reader()
+    assert reader.secret == b"" and reader.rows is None and source.secret == b"s" * 32
+    parts = source.parts(4)
+    assert [len(p["rows"]) for p in parts] == [4, 4, 4, 4, 1]
+    reader.secret = b"s" * 32
+    assert [it.id if hasattr(it, "id") else it.reason_code for p in parts for it in reader.read_part(p)] == \
+        [it.id if hasattr(it, "id") else it.reason_code for it in source]
+    dicom = DicomSource(manifest.parent, b"s" * 32).part_reader()
+    assert dicom.secret == b"" and dicom.config.workers == 0
+    assert "hidden" in repr(SecretRef.__new__(SecretRef))
 
 
 def test_dicom_series_same_table_and_ledger_as_local(ray_cluster, home: Path, tmp_path: Path, classic) -> None:
