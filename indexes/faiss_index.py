@@ -571,3 +571,16 @@ def merge_ivf_shards(trained: faiss.Index, shard_files: list[Path], ivfdata: Pat
     merged = faiss.clone_index(trained)
     merge_ondisk(merged, [str(p) for p in shard_files], str(ivfdata))
     return merged
+
+
+def verify_lists(folder: Path, stamp: IndexStamp) -> bool:
+    """Whether the on-disk lists file of a sharded build named by ``stamp.choice`` (``ivfdata``,
+    written by :mod:`caselens.indexes.ray_index`) is the one the build wrote (size and sha256);
+    True for indexes that keep their lists inside the index file (the stamp's checksum covers
+    those)."""
+    name = (stamp.choice or {}).get("ivfdata")
+    if not name:
+        return True
+    path = folder / name
+    return (path.exists() and path.stat().st_size == stamp.choice.get("ivfdata_bytes")
+            and sha256_file(path) == stamp.choice.get("ivfdata_sha256"))

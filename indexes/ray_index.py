@@ -179,14 +179,3 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
     log.info("built %s over %d vectors of %s on Ray (%d shards) in %.1fs", factory, total, collection.name,
              len(groups), time.perf_counter() - start)
     return stamp
-
-
-def verify_lists(folder: Path, stamp: faiss_index.IndexStamp) -> bool:
-    """Whether the on-disk lists file of a distributed build (``stamp.choice``) is the one it wrote
-    (size and sha256); True for indexes that keep their lists inside the index file."""
-    name = (stamp.choice or {}).get("ivfdata")
-    if not name:
-        return True
-    path = folder / name
-    return (path.exists() and path.stat().st_size == stamp.choice.get("ivfdata_bytes")
-            and sha256_file(path) == stamp.choice.get("ivfdata_sha256"))

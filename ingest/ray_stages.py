@@ -75,6 +75,7 @@ class SecretRef:
 
 
 _SECRETS: dict[str, bytes] = {}
+_STORED: dict[str, frozenset] = {}
 _ENCODERS: dict[str, Encoder] = {}
 _LOCK = threading.Lock()
 
@@ -114,7 +115,8 @@ def _item_outcome(it: Item, status: str, code: str = "", reason: str = "") -> st
 def read_parts(batch: dict[str, np.ndarray], *, reader: Any, secret: SecretRef, chunking: dict | None,
                record: dict[str, Any], stored: Any, uri: str) -> dict[str, np.ndarray]:
     """Read stage: the items and rejections of each part; items whose id is stored already are
-    duplicates here (not decoded further, not encoded)."""
+    duplicates here (never encoded). ``stored``: the ids stored when the run began (a Ray object,
+    read once per process), or None for collections too large for that (asked of the table)."""
     fault("read")
     if hasattr(reader, "secret") and not reader.secret:
         reader.secret = secret.get()
@@ -125,7 +127,11 @@ def read_parts(batch: dict[str, np.ndarray], *, reader: Any, secret: SecretRef, 
         got.extend(reader.read_part(part))
     ids = [it.id for it in got if isinstance(it, Item)]
     if isinstance(stored, ray.ObjectRef):
-        stored = ray.get(stored)
+        key = stored.hex()
+        if key not in _STORED:
+            _STORED.clear()  # one run's set at a time
+            _STORED[key] = ray.get(stored)
+        stored = _STORED[key]
     known = stored & set(ids) if stored is not None else fragments.stored_ids(fragments.open_table(uri), ids)
     items, outcomes = [], []
     for it in got:
@@ -185,7 +191,8 @@ class EncodeActor:
                         code, note = "truncated", f"text has {n_tokens} tokens; the encoder read the first {self.limit}"
                 vectors[i] = got[j]
                 records[i] = json.dumps({"id": it.id, "kind": it.kind, "source": it.source, "text": it.text,
-                                         "provenance": it.provenance, "metadata": it.metadata})
+                                         "provenance": it.provenance, "metadata": it.metadata},
+                                        default=str)  # as coerce_metadata turns values of other types to text
                 outcomes[i] = _item_outcome(it, "accepted", code, note)
         return {"outcome": np.array(outcomes, dtype=object), "record": np.array(records, dtype=object),
                 "vector": vectors}

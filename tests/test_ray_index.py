@@ -44,7 +44,7 @@ def test_sharded_build_is_stamped_served_and_updated_by_adding_again(ray_cluster
     stamp = ray_index.build(col, ray_index.RayIndexConfig(factory="IVF64,Flat", shards=3, nprobe=16))
     assert stamp.table_version == col.version and stamp.ntotal == 6000 and stamp.encoder_fingerprint == "d" * 16
     assert stamp.choice["method"] == "ray-sharded" and stamp.choice["shards"] == 3
-    assert ray_index.verify_lists(col.index_dir, stamp)
+    assert faiss_index.verify_lists(col.index_dir, stamp)
     assert not list(col.index_dir.glob(".shards-*")), "shard files left behind"
     index, served = col.index()  # what searches use: loaded through the stamp and checksum
     assert served == stamp
@@ -68,7 +68,7 @@ def test_sharded_build_is_stamped_served_and_updated_by_adding_again(ray_cluster
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert not ray_index.verify_lists(col.index_dir, again)
+    assert not faiss_index.verify_lists(col.index_dir, again)
 
 
 def test_shard_plan_covers_every_row_once() -> None:

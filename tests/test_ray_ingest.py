@@ -142,6 +142,7 @@ def test_dicom_series_same_table_and_ledger_as_local(ray_cluster, home: Path, tm
     assert all(p.startswith("pt-") for p in distributed.rows(columns=["patient_id"]).column("patient_id").to_pylist())
 
 
+@pytest.mark.slow  # two Ray workers load MiniLM: ~25 s on the 2-core build machine
 def test_chunked_text_corpus_same_table_and_ledger_as_local(ray_cluster, home: Path, tmp_path: Path, minilm) -> None:
     from caselens.ingest.chunking import chunker_for
 
