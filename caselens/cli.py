@@ -81,7 +81,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                    limit=args.limit, pdf_items=args.pdf_items, dpi=args.dpi, ocr=not args.no_ocr,
                    chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
                    encoder_options=_options(args.encoder_opt, "--encoder-opt"), batch_size=args.batch_size,
-                   write_items=args.write_items, build_index=not args.no_index, progress=not args.quiet)
+                   write_items=args.write_items, build_index=not args.no_index, progress=not args.quiet,
+                   runner=args.runner, address=args.address, encoder_workers=args.encoder_workers,
+                   gpus_per_worker=args.gpus_per_worker)
     collection = caselens.open(args.collection, args.home, create=True)
     report = collection.ingest(images=args.images, manifest=args.manifest, dicom=args.dicom, text=args.text,
                                pdf=args.pdf, encoder=args.encoder, **options)
@@ -507,6 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS and BM25 indexes afterwards "
                                                           "(searches rank the new rows exactly until `caselens index`)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--runner", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray Data tasks and encoder actors, Lance fragments "
+                        "written in parallel (pip install 'caselens[ray]'; docs/scaling.md)")
+    s.add_argument("--address", help="--runner ray: 'auto' (the running cluster), 'ray://host:port' or host:port "
+                                     "(default: start a local Ray)")
+    s.add_argument("--encoder-workers", type=int, default=1, metavar="N",
+                   help="--runner ray: encoder actors, each holding one copy of the model (default 1)")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="--runner ray: GPUs per encoder actor (default 0: CPU)")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("scan", help="list what a DICOM export holds (patients, studies, series; pseudonyms only)")
