@@ -79,3 +79,7 @@ class TableDamagedError(CaselensError, RuntimeError):
         self.collection = collection
         self.table = table
         self.files = tuple(files)
+
+
+class RunnerError(CaselensError, RuntimeError):
+    """A distributed runner that cannot start: its engine is not installed or its cluster not reachable."""

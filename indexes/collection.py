@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -46,9 +45,11 @@ from caselens.indexes.damage import LanceGuard, is_lance_failure, manifest_versi
 from caselens.indexes.layout import Layout
 from caselens.indexes.ledger import LEDGER_SCHEMA, Ledger, LedgerEntry
 from caselens.indexes.lock import WriteLock
+from caselens.indexes.rows import (CORE_COLUMNS, MetadataTypeError, arrow_rows, coerce_metadata, column_name,
+                                   missing_columns, table_row)
 
-# Public here: a distributed runner that writes Lance fragments itself computes each row's
-# ``_checksum`` with the same function as Collection.add (canonical form: caselens.indexes.checksums).
+# row_checksums is public here too: every writer of rows (Collection.add, the distributed runner through
+# caselens.indexes.rows.arrow_rows) computes ``_checksum`` with it (canonical form: caselens.indexes.checksums).
 __all__ = ["CHECKSUM_COLUMN", "CORE_COLUMNS", "Collection", "LEDGER_SCHEMA", "LedgerEntry", "MetadataTypeError",
            "STANDARD_METADATA", "column_name", "lance_filter", "list_collections", "quote", "row_checksums",
            "take_rows", "vectors_of"]
@@ -57,14 +58,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Columns every items table has; metadata keys become further columns beside them.
-CORE_COLUMNS = ("id", "_row", "kind", "vector", "source", "text", "provenance", CHECKSUM_COLUMN)
 # Metadata columns created up front so filters on them always parse.
 STANDARD_METADATA = ("label", "patient_id", "modality", "body_part", "study_uid", "series_uid")
-
-
-class MetadataTypeError(ValueError):
-    """A metadata value that does not fit the type of its existing column."""
 
 
 def list_collections(home: Path | None = None) -> list[str]:
@@ -73,16 +68,6 @@ def list_collections(home: Path | None = None) -> list[str]:
     if not home.is_dir():
         return []
     return sorted(p.name for p in home.iterdir() if Layout(p).exists())
-
-
-def column_name(key: str) -> str:
-    """The column a metadata key is stored in: lower-case letters, digits and underscores."""
-    name = re.sub(r"[^0-9a-zA-Z_]+", "_", key.strip()).strip("_").lower() or "field"
-    if name[0].isdigit():
-        name = f"m_{name}"
-    if name in CORE_COLUMNS or name.startswith("_"):
-        name = f"meta_{name.lstrip('_')}"
-    return name
 
 
 def lance_filter(predicate: str | None) -> str | None:
@@ -257,6 +242,11 @@ class Collection:
     def dim(self) -> int:
         return int(self.encoder["dim"])
 
+    @property
+    def items_path(self) -> Path:
+        """The items table's folder (a Lance dataset), for writers of fragments."""
+        return self.layout.items_dir
+
     def dataset(self, version: int | None = None) -> lance.LanceDataset:
         """The items table as a Lance dataset: the latest version, or ``version`` (read-only).
         Calls on it belong inside ``with collection.guard():``."""
@@ -391,16 +381,9 @@ class Collection:
             self._ensure_columns([metadata])
 
     def _ensure_columns(self, rows: list[dict]) -> None:
-        schema = self._column_types()
-        missing: dict[str, str] = {}
-        if CHECKSUM_COLUMN not in schema:  # a collection made before row checksums: its rows have none
+        missing = missing_columns(rows, self._column_types())
+        if CHECKSUM_COLUMN not in self._column_types():  # made before row checksums: its rows have none
             missing[CHECKSUM_COLUMN] = "CAST(NULL AS BIGINT)"
-        for row in rows:
-            for key, value in row.items():
-                if key in schema or key in missing or value is None:
-                    continue
-                is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
-                missing[key] = "CAST(NULL AS DOUBLE)" if is_num else "CAST(NULL AS STRING)"
         if missing:
             with self.guard():
                 self.dataset().add_columns(missing)
@@ -411,29 +394,10 @@ class Collection:
             log.info("collection %s: new columns %s", self.name, sorted(missing))
 
     def coerce_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Metadata keyed by column name with values converted to the columns' types.
-
-        Raises :class:`MetadataTypeError` for a value that cannot be converted.
-        """
-        types = self._column_types()
-        out: dict[str, Any] = {}
-        for key, value in metadata.items():
-            col = column_name(key)
-            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
-                out[col] = None
-                continue
-            kind = types.get(col)
-            if kind is not None and pa.types.is_floating(kind):
-                try:
-                    out[col] = float(value)
-                except (TypeError, ValueError):
-                    raise MetadataTypeError(f"metadata {key!r}={value!r} is not a number, but column "
-                                            f"{col!r} holds numbers") from None
-            elif kind is not None and pa.types.is_string(kind):
-                out[col] = str(value)
-            else:
-                out[col] = value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else str(value)
-        return out
+        """Metadata keyed by column name with values converted to the columns' types
+        (:func:`caselens.indexes.rows.coerce_metadata`); :class:`MetadataTypeError` for a value
+        that cannot be converted."""
+        return coerce_metadata(metadata, self._column_types())
 
     def add(self, records: list[dict[str, Any]], vectors: np.ndarray) -> int:
         """Append ``records`` (id, kind, source, text, provenance dict, metadata dict) with their
@@ -448,22 +412,10 @@ class Collection:
             raise BadVectorError("refusing to store vectors with NaN or infinite values")
         with self.lock.hold():  # row numbers must not be handed out twice
             start = self._next_row()
-            rows = []
-            for i, rec in enumerate(records):
-                row = {"id": rec["id"], "_row": start + i, "kind": rec["kind"], "source": rec.get("source"),
-                       "text": rec.get("text"), "provenance": json.dumps(rec.get("provenance", {}), sort_keys=True)}
-                row.update(self.coerce_metadata(rec.get("metadata", {})))
-                rows.append(row)
+            rows = [table_row(rec, start + i, self.coerce_metadata(rec.get("metadata", {})))
+                    for i, rec in enumerate(records)]
             self._ensure_columns(rows)
-            schema = self.schema()
-            columns = {f.name: [r.get(f.name) for r in rows] for f in schema
-                       if f.name not in ("vector", CHECKSUM_COLUMN)}
-            columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
-            columns[CHECKSUM_COLUMN] = pa.nulls(len(rows), pa.int64())
-            table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
-            table = table.set_column(schema.get_field_index(CHECKSUM_COLUMN), schema.field(CHECKSUM_COLUMN),
-                                     pa.array(row_checksums(table), pa.int64()))
-            self.write_rows(table)
+            self.write_rows(arrow_rows(rows, vectors, self.schema()))  # with their checksums
             self.lock.facts()["next_row"] = start + len(rows)
             return self.version
 
@@ -488,6 +440,13 @@ class Collection:
         facts = self.lock.facts()
         if facts is not None and facts.get("next_row", 0) < nxt:
             facts["next_row"] = nxt
+
+    def next_row(self) -> int:
+        """The next free ``_row`` number, for a writer holding :attr:`lock` that numbers rows itself
+        (the distributed ingest); see :meth:`_next_row`."""
+        if not self.lock.held():
+            raise RuntimeError("next_row() is for writers: hold collection.lock first")
+        return self._next_row()
 
     def _next_row(self) -> int:
         """The next free ``_row`` number: past the largest stored and past every number handed out
