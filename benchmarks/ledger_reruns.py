@@ -56,6 +56,50 @@ def cli(args: list[str], home: Path, python: str | None = None) -> subprocess.Co
     return proc
 
 
+def record_at_scale(n: int, batch: int = 1024) -> dict[str, Any]:
+    """Seconds of one ledger write of ``batch`` new inputs and of ``batch`` inputs met again (a
+    re-run), on a ledger of ``n`` rows."""
+    import lance
+    import pyarrow as pa
+
+    from caselens.indexes.collection import Collection
+    from caselens.indexes.ledger import LEDGER_SCHEMA, LedgerEntry, entry_key
+    from caselens.indexes.checksums import with_checksums
+
+    with tempfile.TemporaryDirectory(prefix="caselens-ledger-scale-") as tmp:
+        record = {"spec": "bench", "dim": 4, "modalities": ["image"], "fingerprint": "0" * 16, "options": {}}
+        coll = Collection.create("big", record, Path(tmp))
+        start = time.perf_counter()
+        for lo in range(0, n, 200_000):
+            hi = min(n, lo + 200_000)
+            inputs = [f"export/{i:09d}.dcm" for i in range(lo, hi)]
+            items = [f"sha256:{i:032x}" for i in range(lo, hi)]
+            table = pa.table({"run_id": ["r0"] * (hi - lo), "time": ["2024-01-01T00:00:00Z"] * (hi - lo),
+                              "input": inputs, "item_id": items, "status": ["accepted"] * (hi - lo),
+                              "reason_code": [""] * (hi - lo), "reason": [""] * (hi - lo),
+                              "runs": pa.array([1] * (hi - lo), pa.int64()), "last_run": ["r0"] * (hi - lo),
+                              "last_time": ["2024-01-01T00:00:00Z"] * (hi - lo),
+                              "seq": pa.array(range(lo, hi), pa.int64()),
+                              "key": pa.array([entry_key(a, b, "accepted") for a, b in zip(inputs, items)], pa.int64())},
+                             schema=pa.schema([f for f in LEDGER_SCHEMA if f.name != "_checksum"]))
+            lance.write_dataset(with_checksums(table), str(coll.layout.ledger_dir), mode="append")
+        build = time.perf_counter() - start
+        coll.ledger_table.compact()
+        out: dict[str, Any] = {"rows": n, "build_seconds": round(build, 1)}
+        new = [LedgerEntry(f"new/{i}.dcm", "accepted", f"sha256:new{i}") for i in range(batch)]
+        met = [LedgerEntry(f"export/{i:09d}.dcm", "accepted", f"sha256:{i:032x}") for i in range(0, n, max(1, n // batch))][:batch]
+        for name, entries in (("new", new), ("met_again", met)):
+            times = []
+            for r in range(3):
+                t0 = time.perf_counter()
+                coll.record(f"{name}{r}", entries)
+                times.append(time.perf_counter() - t0)
+            out[f"write_{len(entries)}_{name}_seconds"] = round(min(times), 3)
+        out["rows_after"] = coll.ledger_table.count()
+        log(f"ledger of {n} rows: {out}")
+        return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="images")
@@ -64,6 +108,9 @@ def main() -> None:
     parser.add_argument("--baseline-python", metavar="PYTHON",
                         help="also run the re-runs with this interpreter's caselens (e.g. an older checkout's venv) "
                              "and count its ledger rows")
+    parser.add_argument("--scale", type=int, default=1_000_000,
+                        help="also time one ledger write of 1,024 new and of 1,024 met inputs on a ledger of this "
+                             "many rows (0: skip)")
     parser.add_argument("--out", default="ledger_reruns.json")
     args = parser.parse_args()
     from caselens.indexes.collection import Collection
@@ -144,10 +191,12 @@ def main() -> None:
                 counts.append(len(json.loads(cli(["ledger", "cxr", "--json"], base_home, args.baseline_python).stdout)))
             baseline = {"caselens": version, "ledger_rows_per_run": counts}
             log(f"baseline {version}: ledger rows {counts}")
+    scale = record_at_scale(args.scale) if args.scale else None
     write_result(args.out, {"inputs": inputs, "images": args.n, "rejected_per_run": 2 * args.bad,
                             "runs": runs, "after_reruns": {"rows": runs[-1]["ledger_rows"],
                                                            "append_only_rows": runs[-1]["append_only_rows"]},
-                            "checks": checks, "migration": migration, "baseline": baseline})
+                            "checks": checks, "migration": migration, "baseline": baseline,
+                            "write_at_scale": scale})
 
 
 if __name__ == "__main__":

@@ -382,22 +382,18 @@ def _print_verify(name: str, report: dict[str, Any], repaired: bool) -> None:
     if report["index_compared"]:
         say(f"  index copy: {report['index_compared']} vectors compared ({'exact' if report['index_exact'] else 'decoded'}), "
             f"{report['index_mismatches']} differ")
-    for problem in report["table_problems"]:
-        say(f"  table: {problem}")
+    lines = [("table", p) for p in report["table_problems"]]
     if report["checksum_mismatch_ids"]:
-        say(f"  rows that do not match their checksum: {_some(report['checksum_mismatch_ids'], report['checksum_mismatches'])}")
-    for problem in report["ledger_problems"]:
-        say(f"  ledger: {problem}")
-    for problem in report["index_problems"]:
-        say(f"  index: {problem}")
+        lines.append(("rows that do not match their checksum",
+                      _some(report["checksum_mismatch_ids"], report["checksum_mismatches"])))
+    lines += [("ledger", p) for p in report["ledger_problems"]] + [("index", p) for p in report["index_problems"]]
     if report["missing"]:
-        say(f"  missing: {_some(report['missing'], report['missing_count'])}")
+        lines.append(("missing", _some(report["missing"], report["missing_count"])))
     if report["phantoms"]:
-        say(f"  phantoms (stored, no accepted ledger row): {_some(report['phantoms'], report['phantom_count'])}")
-    for note in report["notes"]:
-        say(f"  note: {note}")
-    for fix in report["repaired"]:
-        say(f"  repaired: {fix}")
+        lines.append(("phantoms (stored, no accepted ledger row)", _some(report["phantoms"], report["phantom_count"])))
+    lines += [("note", n) for n in report["notes"]] + [("repaired", r) for r in report["repaired"]]
+    for label, text in lines:
+        say(f"  {label}: {text}")
     if report["lost_count"]:
         say(f"  lost: {report['lost_count']} rows had no good copy")
     for step in report.get("reingest", []):

@@ -50,11 +50,16 @@ def lance_message(exc: BaseException) -> str:
 
 
 def is_lance_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is what Lance raises when it cannot do what it was asked (not a caselens
-    error, not an interrupt)."""
-    if isinstance(exc, CaselensError) or isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+    """Whether ``exc`` is of the kinds Lance raises when it cannot do what it was asked (``OSError``,
+    ``ValueError`` and pyarrow's errors, ``RuntimeError``, a Rust panic), not a caselens error nor
+    a Python bug (``TypeError``, ``KeyError``, ``AttributeError``... go on as they are)."""
+    if isinstance(exc, CaselensError):
         return False
-    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+    if type(exc).__name__ == "PanicException":
+        return True
+    import pyarrow as pa
+
+    return isinstance(exc, (OSError, ValueError, RuntimeError, pa.ArrowException))
 
 
 @dataclass(frozen=True)

@@ -362,9 +362,11 @@ class VerifyReport:
         return asdict(self)
 
 
-def index_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray, bool] | None:
+def index_vectors(index: faiss.Index, copy: bool = True) -> tuple[np.ndarray, np.ndarray, bool] | None:
     """(ids, vectors, exact) that ``index`` keeps: exactly for Flat storage (``Flat``, ``HNSW``,
-    ``IVF..,Flat``), decoded for scalar quantisers; None for codes that keep too little (PQ)."""
+    ``IVF..,Flat``), decoded for scalar quantisers; None for codes that keep too little (PQ).
+    Without ``copy``, the vectors of a Flat or HNSW index are a view of its memory (valid while
+    the index lives)."""
     outer = faiss.downcast_index(index)
     if isinstance(outer, (faiss.IndexIDMap2, faiss.IndexIDMap)):
         inner = faiss.downcast_index(outer.index)
@@ -372,7 +374,8 @@ def index_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray, bool] | N
         if not isinstance(storage, faiss.IndexFlat):
             return None
         n, d = storage.ntotal, storage.d
-        vectors = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d).copy() if n else np.zeros((0, d), np.float32)
+        vectors = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
+        vectors = vectors.copy() if copy else vectors
         return faiss_index.index_ids(index), vectors, True
     ivf = faiss_index.ivf_of(index)
     if ivf is None or isinstance(outer, faiss.IndexPreTransform):
@@ -571,11 +574,12 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
                                 "checked (run with --repair)")
         else:
             check_index()
-            if repair and (report.index_problems or report.repairs):
+            table_repaired = any(r["table"] == "items" for r in report.repairs)
+            if repair and (report.index_problems or table_repaired):
                 stamp = refresh(collection, rebuild=True)
                 report.repaired.append(f"rebuilt the FAISS index ({stamp.factory}, {stamp.ntotal} vectors)")
                 check_index()
-                if report.repairs and bm25_index.read_stamp(collection.layout.bm25_dir) is not None:
+                if table_repaired and bm25_index.read_stamp(collection.layout.bm25_dir) is not None:
                     refresh_bm25(collection, force=True)
                     report.repaired.append("rebuilt the BM25 index")
         if report.unchecked_rows:
@@ -648,7 +652,7 @@ def _record_phantoms(collection: Collection, ledger_rows: Any, table: Any, phant
 def _compare_with_index(report: VerifyReport, index: faiss.Index, rows: np.ndarray, vecs: np.ndarray,
                         good: np.ndarray, ids: list[str]) -> None:
     """Compare the table's vectors with the copy the index keeps (where it keeps one)."""
-    kept = index_vectors(index)
+    kept = index_vectors(index, copy=False)
     if kept is None:
         return
     index_ids, index_vecs, exact = kept

@@ -186,7 +186,9 @@ class Ledger:
         return table.drop_columns([c for c in HIDDEN if c in table.schema.names]).to_pylist()
 
     def count(self) -> int:
-        return int(self.dataset().count_rows())
+        dataset = self.dataset()
+        with self.guard():
+            return int(dataset.count_rows())
 
     # ----------------------------------------------------------------- writes
     def record(self, run_id: str, entries: Sequence[LedgerEntry]) -> None:
@@ -194,7 +196,7 @@ class Ledger:
         added; rows met again count one more run. One commit."""
         if not entries:
             return
-        with self.lock.hold(), self.guard():
+        with self.lock.hold():
             self.migrate()
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             grouped: dict[int, list] = {}
@@ -217,11 +219,12 @@ class Ledger:
                              "last_time": now, "seq": seq, "key": key})
             schema = pa.schema([f for f in LEDGER_SCHEMA if f.name != CHECKSUM_COLUMN])
             table = with_checksums(pa.Table.from_pylist(rows, schema=schema))
-            if old:
-                self.dataset().merge_insert("key").when_matched_update_all().when_not_matched_insert_all() \
-                    .execute(table)
-            else:
-                lance.write_dataset(table, self.uri, mode="append")
+            with self.guard():
+                if old:
+                    self.dataset().merge_insert("key").when_matched_update_all().when_not_matched_insert_all() \
+                        .execute(table)
+                else:
+                    lance.write_dataset(table, self.uri, mode="append")
             facts = self.lock.facts()
             if facts is not None:
                 facts["ledger_seq"] = seq + 1
@@ -230,8 +233,9 @@ class Ledger:
         dataset = self.dataset()
         found: dict[int, dict[str, Any]] = {}
         for i in range(0, len(keys), _IN_CHUNK):
-            part = dataset.to_table(columns=["key", "run_id", "time", "runs"],
-                                    filter=f"key IN ({_sql_list(keys[i:i + _IN_CHUNK])})")
+            with self.guard():
+                part = dataset.to_table(columns=["key", "run_id", "time", "runs"],
+                                        filter=f"key IN ({_sql_list(keys[i:i + _IN_CHUNK])})")
             for row in part.to_pylist():
                 found[row["key"]] = row
         return found
@@ -241,7 +245,8 @@ class Ledger:
         if facts is not None and "ledger_seq" in facts:
             return facts["ledger_seq"]
         dataset = self.dataset()
-        top = pc.max(dataset.to_table(columns=["seq"]).column("seq")).as_py() if dataset.count_rows() else None
+        with self.guard():
+            top = pc.max(dataset.to_table(columns=["seq"]).column("seq")).as_py() if dataset.count_rows() else None
         return 0 if top is None else int(top) + 1
 
     def migrate(self) -> bool:

@@ -7,7 +7,7 @@ Responses for them are JSON ``{"error": code, "detail": message}``; library erro
 from __future__ import annotations
 
 from caselens.errors import (BadVectorError, CaselensError, CollectionNotFoundError, EncoderMismatchError,
-                             EncoderOptionError, IndexIntegrityError, QueryError, SourceError,
+                             EncoderOptionError, IndexIntegrityError, QueryError, SourceError, TableDamagedError,
                              UnknownEncoderError, UnsupportedModalityError)
 
 
@@ -41,6 +41,7 @@ LIBRARY_ERRORS: tuple[tuple[type[CaselensError], int, str], ...] = (
     (EncoderOptionError, 400, "bad_encoder_option"),
     (BadVectorError, 500, "bad_vector"),
     (IndexIntegrityError, 503, "index_unavailable"),
+    (TableDamagedError, 503, "table_damaged"),  # names the file; `caselens verify NAME --repair` fixes it
 )
 
 
