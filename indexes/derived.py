@@ -338,7 +338,7 @@ class VerifyReport:
     bad_vectors: int = 0  # rows whose vector is missing, of the wrong size or not finite
     table_version: int | None = None  # the items table version checked
     table_problems: list[str] = field(default_factory=list)  # one line per damaged file or row problem
-    damaged_files: list[str] = field(default_factory=list)  # relative to the collection folder
+    damaged_files: list[str] = field(default_factory=list)  # table and ledger files, relative to the collection
     checksum_mismatches: int = 0  # rows whose stored checksum does not match what they hold
     checksum_mismatch_ids: list[str] = field(default_factory=list)
     unchecked_rows: int = 0  # rows without a checksum (written before row checksums)
@@ -508,6 +508,7 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
                 collection.keep_next_row(max(result.max_row + 1 + result.lost, _index_next_row(collection)))
             items_check = check_table(collection.guard, keep=keep)
         _report_table(report, items_check)
+        report.damaged_files += [f for f in ledger_check.damaged_files if f not in report.damaged_files]
         table = items_check.data
         if table is None:
             import pyarrow as pa

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,9 @@ class Ledger:
         return True
 
     def compact(self) -> None:
-        """Merge the small files that re-runs' updates leave (keeps every version)."""
+        """Merge the small files that re-runs' updates leave; versions older than a week are cleaned
+        up, as the items table's are (until then ``verify --repair`` finds older copies there)."""
         with self.lock.hold(), self.guard():
             if self.table_dir.exists() and len(self.dataset().get_fragments()) > 1:
                 self.dataset().optimize.compact_files()
+                self.dataset().cleanup_old_versions(older_than=timedelta(days=7))
