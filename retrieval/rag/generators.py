@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from caselens.files import cache_dir
 from caselens.retrieval.rag.context import ContextItem
 from caselens.retrieval.rag.grounding import content_terms, split_sentences
 from caselens.retrieval.rag.prompts import ABSTAIN_TEXT, SYSTEM, build_prompt
@@ -63,11 +64,6 @@ class Generator(Protocol):
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` costs in this generator's prompt."""
-
-
-def cache_dir() -> Path:
-    """Where converted model weights are cached."""
-    return Path(os.environ.get("CASELENS_CACHE", Path.home() / ".cache" / "caselens")).expanduser()
 
 
 class ExtractiveGenerator:
