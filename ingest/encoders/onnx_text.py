@@ -339,7 +339,8 @@ class OnnxTextRunner:
         return out
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text).ids)
+        # encode_batch_fast skips offsets: ~1/3 cheaper, and the chunker counts thousands of spans
+        return len(self.tokenizer.encode_batch_fast([text])[0].ids)
 
     def batch(self, ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         width = max(len(x) for x in ids)
