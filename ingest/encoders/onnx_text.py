@@ -241,6 +241,7 @@ def exported_model(layout: ModelLayout, precision: str, root: Path | None = None
         if _valid(folder, manifest, precision):
             return folder / FILES[precision], weights
         start = time.perf_counter()
+        log.warning("exporting %s to ONNX (%s) into %s: first use only, ~30 s", layout.folder.name, precision, folder)
         files = dict(manifest.get("files") or {})
         needed = ["fp32"] if precision == "fp32" else (["int8"] if _valid(folder, manifest, "fp32") else ["fp32", "int8"])
         for p in needed:
