@@ -229,8 +229,9 @@ def faiss_size(n: int, dim: int, n_queries: int, gpu: bool, clock: Clock) -> dic
                          "single_query_p50_ms": round(float(np.percentile(lat, 50)), 3),
                          "single_query_p99_ms": round(float(np.percentile(lat, 99)), 3),
                          "recall@10": round(recall_at(found[:1000], truth), 4) if truth is not None else None}
-            if gpu:
-                out[name]["gpu_memory_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if gpu:  # FAISS allocates outside torch: read the device's own counter
+                free, total = torch.cuda.mem_get_info()
+                out[name]["device_memory_used_gb"] = round((total - free) / 2**30, 2)
             say(f"  {name} @ {n}: " + json.dumps(out[name]))
             del index
             if gpu:
