@@ -26,7 +26,9 @@ taking turns batch by batch (64 chunks) so that load changes on a shared machine
 them alike (chunks/s by wall clock, and per CPU-second of this process); then the **pipeline**
 (``--pipeline-rows`` rows into a fresh collection) for each, followed at once by the encoder
 alone on the chunks that run stored, so the pipeline's share of the encoder-alone rate is taken
-under the same load. Writes ``text_encoders.json``.
+under similar load; and, measured inside the pipeline run itself (so that a change of load
+cannot skew it), the share of its wall time spent in the encoder, which is the pipeline's rate
+as a share of the encoder's. Writes ``text_encoders.json``.
 
 Rerun
 -----
@@ -148,9 +150,23 @@ def compare_encoders(specs: list[str], texts: list[str], corpus: Path, n: int, r
     for i, (spec, enc) in enumerate(encoders.items()):
         coll = Collection.create(f"pipeline-{i}", enc.info.to_record(), home)
         source = TextCorpusSource(corpus, limit=rows, chunker=chunker_for(enc))
-        t = time.perf_counter()
-        report = ingest(source, coll, enc, IngestConfig(batch_size=64, progress=False))
-        seconds = time.perf_counter() - t
+        in_encoder = [0.0]
+        encode = enc.encode_texts
+
+        def timed(texts: list[str], encode: Any = encode) -> Any:  # the encoder's share of the run's wall time
+            t0 = time.perf_counter()
+            try:
+                return encode(texts)
+            finally:
+                in_encoder[0] += time.perf_counter() - t0
+
+        enc.encode_texts = timed
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            report = ingest(source, coll, enc, IngestConfig(batch_size=64, progress=False))
+        finally:
+            del enc.encode_texts
+        seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
         stored = [r["text"] for r in coll.rows(columns=["text"]).to_pylist()]
         t = time.perf_counter()
         for j in range(0, len(stored), 64):
@@ -160,7 +176,10 @@ def compare_encoders(specs: list[str], texts: list[str], corpus: Path, n: int, r
             "rows": rows, "chunks": report.accepted, "seconds": round(seconds, 2),
             "chunks_per_s": round(report.accepted / seconds, 1),
             "encoder_alone_same_chunks_chunks_per_s": round(len(stored) / alone, 1),
-            "pipeline_share_of_encoder_alone": round(alone / seconds, 3)}
+            "pipeline_share_of_encoder_alone": round(alone / seconds, 3),
+            "pipeline_chunks_per_cpu_s": round(report.accepted / cpu_seconds, 1),
+            # in the same run, so load changes cannot skew it: pipeline rate / encoder rate
+            "encoder_share_of_pipeline_wall": round(in_encoder[0] / seconds, 3)}
         print(spec, json.dumps(out[spec]["pipeline"]), flush=True)
     base = out[specs[0]]["pipeline"]["chunks_per_s"]
     for spec in specs:
