@@ -22,7 +22,7 @@ on the weights) written as a ``local-dir:`` model and loaded by caselens' regist
 open_clip runs first (about 2 minutes on a large GPU), then FAISS with the time left. Every stage checks the time left (``--time-limit``, default 480 s) and is skipped, with the
 reason recorded, when its estimate does not fit; a stage that fails records its error and the
 run goes on. Progress lines go to stdout. The script installs nothing: FAISS on the GPU needs a
-faiss build with GPU support (e.g. ``pip install faiss-gpu-cu12`` instead of ``faiss-cpu``);
+faiss build with GPU support (``pip install faiss-gpu`` or, for CAGRA, ``faiss-gpu-cuvs``, instead of ``faiss-cpu``);
 without one the FAISS part is skipped with that reason.
 
 **Dry mode** (``--dry``, automatic without CUDA): the same code on tiny sizes on the CPU — CPU
@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             faiss_out: dict[str, Any] = {"benchmark": "gpu_faiss", **common, "sizes": {}}
             gpu_faiss = common["machine"].get("faiss_gpus", 0) > 0 and cuda
             if cuda and not gpu_faiss:
-                faiss_out["skipped"] = ("faiss has no GPU support here (faiss-cpu); install a GPU build, e.g. "
-                                        "`pip install faiss-gpu-cu12` in place of faiss-cpu, and rerun")
+                faiss_out["skipped"] = ("faiss has no GPU support here (faiss-cpu); install a GPU build (faiss-gpu, or faiss-gpu-cuvs for CAGRA) "
+                                        "in place of faiss-cpu, and rerun")
                 say(f"faiss: {faiss_out['skipped']}")
             else:
                 for n in sizes:
