@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             faiss_out: dict[str, Any] = {"benchmark": "gpu_faiss", **common, "sizes": {}}
             gpu_faiss = common["machine"].get("faiss_gpus", 0) > 0 and cuda
             if cuda and not gpu_faiss:
-                faiss_out["skipped"] = ("faiss has no GPU support here (faiss-cpu); install a GPU build (faiss-gpu, or faiss-gpu-cuvs for CAGRA) "
-                                        "in place of faiss-cpu, and rerun")
+                faiss_out["skipped"] = ("faiss has no GPU support here (faiss-cpu); install a GPU build "
+                                        "(faiss-gpu, or faiss-gpu-cuvs for CAGRA) in place of faiss-cpu, and rerun")
                 say(f"faiss: {faiss_out['skipped']}")
             else:
                 for n in sizes:
