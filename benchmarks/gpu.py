@@ -19,11 +19,12 @@ on the weights) written as a ``local-dir:`` model and loaded by caselens' regist
   files while the GPU encodes with AMP: images/s (what the pipeline reaches when decoding
   overlaps encoding). Target: >= 1,500 images/s (clip-retrieval's figure on an RTX 3080).
 
-open_clip runs first (about 2 minutes on a large GPU), then FAISS with the time left. Every stage checks the time left (``--time-limit``, default 480 s) and is skipped, with the
-reason recorded, when its estimate does not fit; a stage that fails records its error and the
-run goes on. Progress lines go to stdout. The script installs nothing: FAISS on the GPU needs a
-faiss build with GPU support (``pip install faiss-gpu`` or, for CAGRA, ``faiss-gpu-cuvs``, instead of ``faiss-cpu``);
-without one the FAISS part is skipped with that reason.
+open_clip runs first (about 2 minutes on a large GPU), then FAISS with the time left. Every
+stage checks the time left (``--time-limit``, default 480 s) and is skipped, with the reason
+recorded, when its estimate does not fit; a stage that fails records its error and the run goes
+on. Progress lines go to stdout. The script installs nothing: FAISS on the GPU needs a faiss
+build with GPU support (``pip install faiss-gpu`` or, for CAGRA, ``faiss-gpu-cuvs``, instead of
+``faiss-cpu``); without one the FAISS part is skipped with that reason.
 
 **Dry mode** (``--dry``, automatic without CUDA): the same code on tiny sizes on the CPU — CPU
 FAISS (IndexFlatIP, IVF, HNSW in place of CAGRA), a tiny open_clip model, a few images — writing
