@@ -15,6 +15,12 @@ def default_home() -> Path:
     return Path(os.environ.get("CASELENS_HOME", "caselens-data")).expanduser()
 
 
+def cache_dir() -> Path:
+    """The user cache of derived model files (converted weights, ONNX exports):
+    ``$CASELENS_CACHE``, default ``~/.cache/caselens``. Everything in it can be rebuilt."""
+    return Path(os.environ.get("CASELENS_CACHE", Path.home() / ".cache" / "caselens")).expanduser()
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from caselens.errors import CaselensError, ConfigError
+from caselens.files import cache_dir
 from caselens.retrieval.rag.context import ContextItem
 from caselens.retrieval.rag.grounding import content_terms, split_sentences
 from caselens.retrieval.rag.prompts import ABSTAIN_TEXT, SYSTEM, build_prompt
@@ -71,11 +72,6 @@ class GeneratorUnavailableError(CaselensError, RuntimeError):
     """A generator whose packages or model files are not installed here."""
 
     exit_code = 3
-
-
-def cache_dir() -> Path:
-    """Where converted model weights are cached."""
-    return Path(os.environ.get("CASELENS_CACHE", Path.home() / ".cache" / "caselens")).expanduser()
 
 
 class ExtractiveGenerator:
