@@ -477,6 +477,9 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
     ledger = collection.ledger_table
     damaged_dir = collection.layout.damaged_dir
     with collection.lock.hold() if repair else contextlib.nullcontext():
+        if repair and not ledger.exists():  # a writer killed while creating it: nothing was ever recorded
+            ledger.create()
+            report.repaired.append("ledger: created (no version of it had been committed)")
         ledger_check = check_table(ledger.guard, keep=_ledger_columns())
         if repair and ledger_check.damaged:
             result = repair_table(ledger.guard, collection.lock, damaged_dir, ledger_check)

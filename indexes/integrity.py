@@ -79,11 +79,13 @@ class TableCheck:
     unchecked_rows: int = 0  # rows without a checksum
     bad_examples: list[str] = field(default_factory=list)  # ids (items) or inputs (ledger) of bad rows, first 20
     seconds: float = 0.0
+    absent: bool = False  # no version was ever committed (a writer killed while creating it): empty, not damaged
     data: pa.Table | None = field(default=None, repr=False)  # the kept columns of the good rows that read
 
     @property
     def damaged(self) -> bool:
-        return self.version is None or bool(self.bad_manifests) or any(f.damaged for f in self.fragments)
+        return (self.version is None and not self.absent) or bool(self.bad_manifests) or \
+            any(f.damaged for f in self.fragments)
 
     @property
     def damaged_files(self) -> list[str]:
@@ -96,7 +98,7 @@ class TableCheck:
     def problems(self) -> list[str]:
         """One line per problem, naming the file."""
         out = [f"{path}: manifest does not decode (a newer version than {self.version})" for path in self.bad_manifests]
-        if self.version is None:
+        if self.version is None and not self.absent:
             out.append("no table version can be read")
         for f in self.fragments:
             if f.error:
@@ -167,6 +169,7 @@ def check_table(guard: LanceGuard, keep: Sequence[str] = (), batch_rows: int = B
     report = TableCheck(guard.table, None if dataset is None else int(dataset.version),
                         [_relative(p, root) for p in bad])
     if dataset is None:
+        report.absent = not bad
         report.seconds = round(time.perf_counter() - start, 3)
         return report
     kept: list[pa.Table] = []

@@ -97,5 +97,6 @@ class Layout:
         return self.root / ".lock"
 
     def exists(self) -> bool:
-        """Whether a collection lives here (its items table exists)."""
-        return self.items_dir.exists()
+        """Whether a collection lives here: its items table has a committed version (a writer
+        killed while creating it leaves a folder without one, which ``create`` may reuse)."""
+        return self.items_dir.is_dir() and any(self.versions_dir.glob("*.manifest"))

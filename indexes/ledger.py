@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from caselens.indexes.checksums import CHECKSUM_COLUMN, with_checksums
-from caselens.indexes.damage import LanceGuard
+from caselens.indexes.damage import LanceGuard, manifest_versions
 from caselens.indexes.lock import WriteLock
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,16 @@ class Ledger:
         self.lock = lock
         self.guard = guard
 
+    def exists(self) -> bool:
+        """Whether the ledger has a committed version (a writer killed while creating it leaves a
+        folder without one: nothing was ever recorded there)."""
+        return bool(manifest_versions(self.table_dir))
+
     def create(self) -> None:
-        """An empty ledger (when none exists)."""
-        if not self.table_dir.exists():
-            lance.write_dataset(LEDGER_SCHEMA.empty_table(), self.uri, schema=LEDGER_SCHEMA, mode="create")
+        """An empty ledger, when it has no committed version yet."""
+        if not self.exists():
+            with self.guard():
+                lance.write_dataset(LEDGER_SCHEMA.empty_table(), self.uri, schema=LEDGER_SCHEMA, mode="create")
 
     def dataset(self, version: int | None = None) -> lance.LanceDataset:
         with self.guard():
@@ -152,6 +158,8 @@ class Ledger:
     def table(self, run_id: str | None = None, item_ids: Sequence[str] | None = None) -> pa.Table:
         """Rows (current form, ordered by ``seq``), optionally of one run (the rows it was the
         first or the last to meet) or of some items."""
+        if not self.exists():
+            return LEDGER_SCHEMA.empty_table()
         dataset = self.dataset()
         new = "key" in dataset.schema.names
         clauses = []
@@ -187,6 +195,8 @@ class Ledger:
         return table.drop_columns([c for c in HIDDEN if c in table.schema.names]).to_pylist()
 
     def count(self) -> int:
+        if not self.exists():
+            return 0
         dataset = self.dataset()
         with self.guard():
             return int(dataset.count_rows())
@@ -198,6 +208,7 @@ class Ledger:
         if not entries:
             return
         with self.lock.hold():
+            self.create()
             self.migrate()
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             grouped: dict[int, list] = {}

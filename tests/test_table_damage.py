@@ -380,3 +380,18 @@ def test_a_collection_made_before_checksums_still_verifies_and_gets_them_on_new_
     derived.refresh(coll)
     report = derived.verify(coll)
     assert report.ok and report.unchecked_rows == 10 and coll.count() == 11
+
+
+def test_a_collection_whose_creation_was_killed_is_created_again(home: Path, image_folder: Path) -> None:
+    import caselens
+
+    # a writer killed while creating the ledger and the table: folders with data files, no version
+    for table in ("ledger", "items"):
+        folder = home / "half" / "lance" / f"{table}.lance" / "data"
+        folder.mkdir(parents=True)
+        (folder / "partial.lance").write_bytes(b"\0" * 64)
+    assert not Collection.exists("half", home)
+    report = caselens.open("half", home, create=True).ingest(manifest=image_folder / "manifest.csv", progress=False)
+    assert report.accepted == 12
+    coll = Collection.open("half", home)
+    assert len(coll.ledger()) == 12 and derived.verify(coll).ok
