@@ -9,8 +9,8 @@ takes, which every command and every cold search would otherwise pay.
 record as JSON in the schema metadata under the key ``caselens``), the ledger (every input and its
 outcome, :mod:`caselens.indexes.ledger`), the pseudonym key and the folder
 (:class:`~caselens.indexes.layout.Layout` names every file). Every row carries a checksum over its
-vector and stored fields (:func:`row_checksums`, computed here in :meth:`Collection.add`, the one
-place rows are written; checked by ``verify``). Every Lance call runs inside the collection's
+vector and stored fields (:func:`row_checksums`, computed by :func:`caselens.indexes.rows.arrow_rows`,
+which builds the rows of every writer; checked by ``verify``). Every Lance call runs inside the collection's
 :class:`~caselens.indexes.damage.LanceGuard`, so a damaged file surfaces as a
 :class:`~caselens.errors.TableDamagedError` naming the collection and the file, never as Lance's
 own error. Writers hold :attr:`Collection.lock`; readers never do: they read a
@@ -41,7 +41,7 @@ from caselens.errors import (BadVectorError, CollectionNotFoundError, ConfigErro
                              PseudonymKeyError, TableDamagedError)
 from caselens.files import atomic_write_bytes, default_home
 from caselens.indexes.checksums import CHECKSUM_COLUMN, row_checksums
-from caselens.indexes.damage import LanceGuard, is_lance_failure, manifest_versions
+from caselens.indexes.damage import LanceGuard, newest_readable
 from caselens.indexes.layout import Layout
 from caselens.indexes.ledger import LEDGER_SCHEMA, Ledger, LedgerEntry
 from caselens.indexes.lock import WriteLock
@@ -183,15 +183,9 @@ class Collection:
         except TableDamagedError:
             if not damaged:
                 raise
-        for version, _ in manifest_versions(layout.items_dir):
-            try:
-                dataset = lance.dataset(str(layout.items_dir), version=version)
-                info = json.loads(dataset.schema.metadata[b"caselens"])
-            except Exception as exc:  # noqa: BLE001 - a manifest that does not decode: try an older one
-                if not is_lance_failure(exc) and not isinstance(exc, (KeyError, ValueError)):
-                    raise
-                continue
-            return cls(layout, info=info)
+        dataset, _ = newest_readable(layout.items_dir)
+        if dataset is not None:
+            return cls(layout, dataset)
         with guard():  # no version decodes: the error of the latest one
             return cls(layout, lance.dataset(str(layout.items_dir)))
 

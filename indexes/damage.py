@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lance
+import pyarrow as pa
+
 from caselens.errors import CaselensError, TableDamagedError
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,6 @@ def is_lance_failure(exc: BaseException) -> bool:
         return False
     if type(exc).__name__ == "PanicException":
         return True
-    import pyarrow as pa
-
     return isinstance(exc, (OSError, ValueError, RuntimeError, pa.ArrowException))
 
 
@@ -164,12 +165,24 @@ def manifest_versions(table_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items(), reverse=True)
 
 
+def newest_readable(table_dir: Path) -> tuple[lance.LanceDataset | None, list[Path]]:
+    """The newest version of the table whose manifest decodes, and the newer manifests that do
+    not (newest first)."""
+    bad: list[Path] = []
+    for version, manifest in manifest_versions(table_dir):
+        try:
+            return lance.dataset(str(table_dir), version=version), bad
+        except BaseException as exc:  # noqa: BLE001 - a manifest that does not decode
+            if not is_lance_failure(exc):
+                raise
+            bad.append(manifest)
+    return None, bad
+
+
 def probe_files(table_dir: Path, root: Path) -> tuple[list[str], str]:
     """A quick look (no row data read) for what makes a table unreadable: the newest manifest when
     it does not decode, else the data files of the latest version that are missing or shorter
     than their manifest says. Returns (files relative to ``root``, why)."""
-    import lance
-
     def rel(path: Path) -> str:
         try:
             return str(path.resolve().relative_to(root.resolve()))

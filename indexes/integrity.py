@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from lance.fragment import write_fragments
 
 from caselens.indexes.checksums import CHECKSUM_COLUMN, checksum_mismatches
-from caselens.indexes.damage import LanceGuard, is_lance_failure, lance_message, manifest_versions
+from caselens.indexes.damage import LanceGuard, is_lance_failure, lance_message, manifest_versions, newest_readable
 from caselens.indexes.lock import WriteLock
 
 log = logging.getLogger(__name__)
@@ -120,20 +120,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
-
-
-def newest_readable(table_dir: Path) -> tuple[lance.LanceDataset | None, list[Path]]:
-    """The newest version of the table whose manifest decodes, and the newer manifests that do
-    not (newest first)."""
-    bad: list[Path] = []
-    for version, manifest in manifest_versions(table_dir):
-        try:
-            return lance.dataset(str(table_dir), version=version), bad
-        except BaseException as exc:  # noqa: BLE001 - a manifest that does not decode
-            if not is_lance_failure(exc):
-                raise
-            bad.append(manifest)
-    return None, bad
 
 
 def _data_paths(table_dir: Path, fragment: Any) -> list[tuple[Path, int]]:
