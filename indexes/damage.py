@@ -9,11 +9,12 @@ panic), the guard decides once what it means:
 - a filter that does not parse or names no column: the original error, for the caller to word;
 - a full disk or a refused permission: an ``OSError`` with the system's own words;
 - anything else: the table is damaged. The error names the collection, the table and the file
-  (from Lance's message when it names one, else from a quick look at the files the manifest
-  lists: missing or shorter than recorded), and says to run ``caselens verify NAME --repair``.
+  (from Lance's message when it names one, else from a look at the files the manifest lists:
+  missing, not the recorded size, or not decoding), and says to run ``caselens verify NAME --repair``.
 
-Nothing here reads row data: finding a file that decodes badly but has the recorded size is
-``verify``'s job (:mod:`caselens.indexes.integrity`).
+A file of the right size that does not decode is found by reading the fragments one by one,
+for at most :data:`LOCATE_SECONDS` (only after a failure); beyond that, ``verify`` names it
+(:mod:`caselens.indexes.integrity` reads every row).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import errno
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 # Lance names files as "<table>.lance/data/<name>.lance", "<table>.lance/_versions/<n>.manifest",
 # "_deletions/<...>.arrow|bin" (with or without a leading path)
 _FILE_RE = re.compile(r"([\w.-]+\.lance/(?:data/[\w.-]+\.lance|_versions/[\w.-]+\.manifest|_deletions/[\w.-]+))")
+LOCATE_SECONDS = 15.0  # how long a failed command may read to name the data file that does not decode
 _NOT_DAMAGE = (("no space left on device", errno.ENOSPC), ("disk quota exceeded", errno.EDQUOT),
                ("permission denied", errno.EACCES), ("read-only file system", errno.EROFS))
 
@@ -180,9 +183,10 @@ def newest_readable(table_dir: Path) -> tuple[lance.LanceDataset | None, list[Pa
 
 
 def probe_files(table_dir: Path, root: Path) -> tuple[list[str], str]:
-    """A quick look (no row data read) for what makes a table unreadable: the newest manifest when
-    it does not decode, else the data files of the latest version that are missing or shorter
-    than their manifest says. Returns (files relative to ``root``, why)."""
+    """What makes a table unreadable: the newest manifest when it does not decode, else the data
+    files of the latest version that are missing or not the size their manifest records (no row
+    read), else the first fragment that does not decode (read for at most
+    :data:`LOCATE_SECONDS`). Returns (files relative to ``root``, why)."""
     def rel(path: Path) -> str:
         try:
             return str(path.resolve().relative_to(root.resolve()))
@@ -214,5 +218,23 @@ def probe_files(table_dir: Path, root: Path) -> tuple[list[str], str]:
             return missing, "missing"
         if short:
             return short, f"not the size its manifest records ({', '.join(sizes)})"
-        return [], ""
+        return _read_probe(dataset, Path(table_dir), rel)
     return [], "no manifest"
+
+
+def _read_probe(dataset: lance.LanceDataset, table_dir: Path, rel: Any) -> tuple[list[str], str]:
+    """The first fragment of ``dataset`` that does not decode, read fragment by fragment for at
+    most :data:`LOCATE_SECONDS` (a command that met damage pays it once, before it stops)."""
+    deadline = time.monotonic() + LOCATE_SECONDS
+    for fragment in dataset.get_fragments():
+        if time.monotonic() > deadline:
+            break
+        try:
+            for _ in fragment.to_batches(batch_size=8192):
+                if time.monotonic() > deadline:
+                    return [], ""
+        except BaseException as exc:  # noqa: BLE001 - the fragment that does not decode
+            if not is_lance_failure(exc):
+                raise
+            return [rel(table_dir / "data" / f.path) for f in fragment.metadata.files], "does not decode"
+    return [], ""
