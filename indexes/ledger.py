@@ -204,12 +204,17 @@ class Ledger:
     # ----------------------------------------------------------------- writes
     def record(self, run_id: str, entries: Sequence[LedgerEntry]) -> None:
         """Note the outcomes of ``entries`` for run ``run_id``: new (input, item, status) rows are
-        added; rows met again count one more run. One commit."""
+        added; rows met again count one more run. One commit.
+
+        An item met as ``duplicate`` (stored already) that the ledger does not hold as accepted was
+        stored by a run that stopped between its table write and its ledger write: it is recorded
+        as accepted (``reason_code`` ``recovered``), so ledger and table agree again."""
         if not entries:
             return
         with self.lock.hold():
             self.create()
             self.migrate()
+            entries = self._recovered(entries)
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             grouped: dict[int, list] = {}
             for e in entries:
@@ -240,6 +245,31 @@ class Ledger:
             facts = self.lock.facts()
             if facts is not None:
                 facts["ledger_seq"] = seq + 1
+
+    def _recovered(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+        """``entries`` with each duplicate of an item the ledger does not hold as accepted turned
+        into its acceptance (the first entry of each such item)."""
+        met = {e.item_id for e in entries if e.status == "duplicate" and e.item_id}
+        met -= {e.item_id for e in entries if e.status == "accepted"}
+        if not met:
+            return list(entries)
+        ids = sorted(met)
+        dataset = self.dataset()
+        parts = []
+        for i in range(0, len(ids), _IN_CHUNK):
+            with self.guard():
+                parts.append(dataset.to_table(columns=["item_id", "status", "seq"],
+                                              filter=f"item_id IN ({_sql_list(ids[i:i + _IN_CHUNK])}) AND "
+                                                     "status IN ('accepted', 'deleted')"))
+        unaccounted = met - expected_ids(pa.concat_tables(parts))
+        out, done = [], set()
+        for e in entries:
+            if e.status == "duplicate" and e.item_id in unaccounted and e.item_id not in done:
+                done.add(e.item_id)
+                e = LedgerEntry(e.input, "accepted", e.item_id, "recovered",
+                                "stored by an earlier run that stopped before writing its ledger rows; recorded now")
+            out.append(e)
+        return out
 
     def _rows_by_key(self, keys: list[int]) -> dict[int, dict[str, Any]]:
         dataset = self.dataset()

@@ -354,13 +354,27 @@ def test_an_old_ledger_is_read_as_it_is_and_migrated_by_the_first_write(home: Pa
 def test_phantoms_are_reported_and_recorded_by_repair(home: Path) -> None:
     coll, _ = _collection(home, batches=1, per=10)
     coll.add([{"id": "ghost", "kind": "image", "source": "g.png", "metadata": {}}], _vectors(1, seed=4))
-    coll.record("rerun", [LedgerEntry("g.png", "duplicate", "ghost", "already_present", "")])
-    report = derived.verify(coll)
+    derived.refresh(coll)
+    report = derived.verify(coll)  # stored, and no ledger row at all (a run killed before its ledger write)
     assert not report.ok and report.phantoms == ["ghost"] and report.phantom_count == 1
     report = derived.verify(coll, repair=True)
     assert report.ok and not report.phantoms
     row = next(r for r in coll.ledger(item_ids=["ghost"]) if r["status"] == "accepted")
     assert row["input"] == "g.png" and row["reason_code"] == "recovered"
+
+
+def test_a_rerun_that_meets_an_item_stored_without_its_ledger_row_records_its_acceptance(home: Path) -> None:
+    coll, _ = _collection(home, batches=1, per=10)
+    coll.add([{"id": "late", "kind": "image", "source": "l.png", "metadata": {}}], _vectors(1, seed=7))
+    derived.refresh(coll)
+    assert derived.verify(coll).phantoms == ["late"]
+    # the re-run finds it stored: a duplicate, which the ledger records as the acceptance it lacked
+    coll.record("rerun", [LedgerEntry("l.png", "duplicate", "late", "already_present", "stored"),
+                          LedgerEntry("f1.png", "duplicate", "v1", "already_present", "stored")])
+    rows = {(r["item_id"], r["status"]): r for r in coll.ledger(item_ids=["late", "v1"])}
+    assert rows[("late", "accepted")]["reason_code"] == "recovered" and ("late", "duplicate") not in rows
+    assert ("v1", "duplicate") in rows  # an item the ledger holds as accepted stays a duplicate
+    assert derived.verify(coll).ok
 
 
 def test_a_collection_made_before_checksums_still_verifies_and_gets_them_on_new_rows(home: Path) -> None:
