@@ -57,8 +57,8 @@ def cli(args: list[str], home: Path, python: str | None = None) -> subprocess.Co
 
 
 def record_at_scale(n: int, batch: int = 1024) -> dict[str, Any]:
-    """Seconds of one ledger write of ``batch`` new inputs and of ``batch`` inputs met again (a
-    re-run), on a ledger of ``n`` rows."""
+    """Seconds of one ledger write of ``batch`` new inputs, of ``batch`` inputs met again with the
+    same outcome, and of ``batch`` duplicates (a re-run), on a ledger of ``n`` rows (best of 3)."""
     import lance
     import pyarrow as pa
 
@@ -87,8 +87,11 @@ def record_at_scale(n: int, batch: int = 1024) -> dict[str, Any]:
         coll.ledger_table.compact()
         out: dict[str, Any] = {"rows": n, "build_seconds": round(build, 1)}
         new = [LedgerEntry(f"new/{i}.dcm", "accepted", f"sha256:new{i}") for i in range(batch)]
-        met = [LedgerEntry(f"export/{i:09d}.dcm", "accepted", f"sha256:{i:032x}") for i in range(0, n, max(1, n // batch))][:batch]
-        for name, entries in (("new", new), ("met_again", met)):
+        picked = list(range(0, n, max(1, n // batch)))[:batch]
+        met = [LedgerEntry(f"export/{i:09d}.dcm", "accepted", f"sha256:{i:032x}") for i in picked]
+        dups = [LedgerEntry(f"export/{i:09d}.dcm", "duplicate", f"sha256:{i:032x}", "already_present", "")
+                for i in picked]  # what a re-run writes: the first time a row each, then one more run each
+        for name, entries in (("new", new), ("met_again", met), ("rerun_duplicates", dups)):
             times = []
             for r in range(3):
                 t0 = time.perf_counter()

@@ -251,6 +251,10 @@ class Ledger:
         into its acceptance (the first entry of each such item)."""
         met = {e.item_id for e in entries if e.status == "duplicate" and e.item_id}
         met -= {e.item_id for e in entries if e.status == "accepted"}
+        if met:  # the usual case first, by key: the same input accepted it before (an int64 lookup)
+            by_key = {entry_key(e.input, e.item_id, "accepted"): e.item_id for e in entries
+                      if e.status == "duplicate" and e.item_id in met}
+            met -= {by_key[k] for k in self._rows_by_key(list(by_key))}
         if not met:
             return list(entries)
         ids = sorted(met)
