@@ -335,7 +335,7 @@ def through_pipeline(spec: str, folder: Path, batch: int, device: str, home: Pat
     encoder = load_encoder(spec, {"batch_size": batch, "device": device})
     coll = Collection.create("gpu-bench", encoder.info.to_record(), home)
     t = time.perf_counter()
-    report = ingest(ImageSource(folder), coll, encoder,
+    report = ingest(ImageSource(folder, secret=coll.secret()), coll, encoder,
                     IngestConfig(batch_size=batch, build_index=False, progress=False, record_inputs=False))
     seconds = time.perf_counter() - t
     return {"images": report.accepted, "rejected": dict(report.rejected), "seconds": round(seconds, 2),
