@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection, lance_filter, take_rows, vectors_of
+from caselens.indexes.filters import Unsupported, conjuncts, parse
 from caselens.indexes.join_cache import JoinCache
 
 log = logging.getLogger(__name__)
@@ -49,32 +51,65 @@ def _manifest_v2(version: int) -> str:
     return f"{(1 << 64) - 1 - version:020d}.manifest"
 
 
+SELECTIONS_BYTES = 64 << 20  # filter results kept per snapshot (8 bytes a row), least recently used dropped
+
+
+class Selection:
+    """The rows of one snapshot that match one filter (sorted, read-only), and what readers derive
+    from them, kept with them for the next search with the same filter (:attr:`memo`)."""
+
+    def __init__(self, predicate: str, rows: np.ndarray, evaluated: str):
+        rows.flags.writeable = False
+        self.predicate = predicate
+        self.rows = rows
+        self.evaluated = evaluated  # "memory" (the in-memory columns) or "scan" (the Lance scan)
+        self.memo: dict[Any, Any] = {}  # e.g. a FAISS ID selector over these rows
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class Snapshot:
     """One version of the items table, as a reader sees it (immutable once built)."""
 
-    def __init__(self, version: int, table: Any, dim: int, columns: tuple[str, ...], data: pa.Table | None,
+    def __init__(self, version: int, table: Any, dim: int, columns: tuple[str, ...], cache: JoinCache | None,
                  rows: np.ndarray):
         self.version = version  # the table version
         self.dim = dim
         self.columns = columns  # the non-vector columns, in table order
         self._table = table  # the Lance dataset pinned at this version
-        self._data = data  # the non-vector columns in memory (None: too large, read per request)
-        order = np.argsort(rows, kind="stable")  # rows: the _row column in table order (offsets)
-        self.rows = rows[order]  # every _row number of this version, sorted
-        self._offsets = order.astype(np.int64)  # the position of each of them in the table
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # rows: the _row column in table order
+            order = np.argsort(rows, kind="stable")
+            self.rows, self._offsets = rows[order], order.astype(np.int64)
+        else:  # appended in order (the usual case): no sort
+            self.rows, self._offsets = rows, np.arange(len(rows), dtype=np.int64)
         self.max_row = int(self.rows[-1]) if len(self.rows) else -1
-        self._cache = JoinCache(data.column("_row").to_numpy(), data) if data is not None else None
+        self._cache = cache  # the non-vector columns in memory (None: too large, read per request)
         self._lock = threading.Lock()
         self._ids: dict[str, int] | None = None
+        self._data: pa.Table | None = None
+        self._selections: OrderedDict[str, Selection] = OrderedDict()
+        self._selected_bytes = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
+    def join_cache(self) -> JoinCache | None:
+        """The non-vector columns in memory, or None when they were too large to keep."""
+        return self._cache
+
+    @property
     def data(self) -> pa.Table | None:
-        """The non-vector columns of every row (``_row`` included), or None when they were too
-        large to keep (:func:`join_cache_bytes`)."""
-        return self._data
+        """The non-vector columns of every row (``_row`` included) as one table, or None when
+        they were too large to keep (:func:`join_cache_bytes`)."""
+        if self._cache is None:
+            return None
+        with self._lock:
+            if self._data is None:
+                self._data = self._cache.table()
+            return self._data
 
     # --------------------------------------------------------------- values
     @property
@@ -105,31 +140,68 @@ class Snapshot:
         pos = np.minimum(np.searchsorted(self.rows, row_ids), len(self.rows) - 1)
         return self.rows[pos] == row_ids
 
+    def _column(self, name: str) -> tuple[np.ndarray, pa.ChunkedArray]:
+        if self._cache is not None:
+            return self._cache.column(name)
+        table = self._table.to_table(columns=["_row", name])
+        return table.column("_row").to_numpy().astype(np.int64), table.column(name)
+
     def row_of(self, item_id: str) -> int | None:
         """The row number of the item ``item_id`` in this version, or None."""
         with self._lock:
             if self._ids is None:
-                ids = self._data.column("id") if self._data is not None else \
-                    self._table.to_table(columns=["id", "_row"])
-                if isinstance(ids, pa.Table):
-                    self._ids = dict(zip(ids.column("id").to_pylist(), ids.column("_row").to_pylist()))
-                else:
-                    self._ids = dict(zip(ids.to_pylist(), self._data.column("_row").to_pylist()))
+                rows, ids = self._column("id")
+                self._ids = dict(zip(ids.to_pylist(), rows.tolist()))
         return self._ids.get(item_id)
 
     def texts(self) -> tuple[np.ndarray, list[str]]:
         """(row numbers, texts) of the rows that have text."""
-        table = self._data if self._data is not None else self._table.to_table(columns=["_row", "text"])
-        table = table.filter(pc.is_valid(table.column("text")))
-        return table.column("_row").to_numpy().astype(np.int64), table.column("text").to_pylist()
+        rows, texts = self._column("text")
+        valid = pc.is_valid(texts)
+        return rows[np.asarray(valid.to_numpy(zero_copy_only=False), bool)], texts.filter(valid).to_pylist()
 
     # -------------------------------------------------------------- filters
     def select(self, predicate: str) -> np.ndarray:
         """Sorted row numbers of this version matching the SQL ``predicate``
         (:class:`QueryError` naming the filter when it cannot be applied)."""
+        return self.selection(predicate).rows
+
+    def selection(self, predicate: str) -> Selection:
+        """The rows of this version matching the SQL ``predicate`` (standard SQL, double-quoted
+        identifiers), as a :class:`Selection` kept for the next search with the same filter.
+
+        Evaluated over the in-memory columns (:mod:`caselens.indexes.filters`; each top-level
+        ``AND`` term's rows are kept per segment of the join cache, so a filter combined with a
+        per-query exclusion evaluates only the exclusion), or by a Lance scan of this version
+        when the columns are not in memory or the predicate uses SQL the evaluator does not
+        read. :class:`QueryError` naming the filter when it cannot be applied."""
+        with self._lock:
+            hit = self._selections.get(predicate)
+            if hit is not None:
+                self._selections.move_to_end(predicate)
+                return hit
+        rows = None
+        if self._cache is not None:
+            try:
+                rows = self._cache.select(conjuncts(parse(predicate)))
+            except Unsupported:
+                rows = None
+        selection = Selection(predicate, rows, "memory") if rows is not None else \
+            Selection(predicate, self.scan(predicate), "scan")
+        with self._lock:
+            old = self._selections.pop(predicate, None)
+            self._selected_bytes += selection.rows.nbytes - (old.rows.nbytes if old is not None else 0)
+            self._selections[predicate] = selection
+            while self._selected_bytes > SELECTIONS_BYTES and len(self._selections) > 1:
+                _, dropped = self._selections.popitem(last=False)
+                self._selected_bytes -= dropped.rows.nbytes
+        return selection
+
+    def scan(self, predicate: str) -> np.ndarray:
+        """Sorted row numbers of this version matching ``predicate``, by a Lance scan."""
         try:
             found = self._table.to_table(columns=["_row"], filter=lance_filter(predicate))
-        except Exception as exc:  # LanceDB raises several types for a bad predicate
+        except Exception as exc:  # Lance raises several types for a bad predicate
             raise QueryError(f"filter {predicate!r} could not be applied: {str(exc).splitlines()[0]}") from None
         return np.sort(found.column("_row").to_numpy().astype(np.int64))
 
@@ -158,37 +230,33 @@ def _read_columns(table: Any, columns: Sequence[str], where: str | None = None) 
 
 
 def build_snapshot(collection: Collection, version: int, previous: Snapshot | None = None) -> Snapshot:
-    """The snapshot of ``collection`` at table ``version``; when ``previous`` has the same columns,
-    only the rows added since are read, and rows deleted since are dropped from its copy."""
+    """The snapshot of ``collection`` at table ``version``; when ``previous`` has the same columns
+    in memory, only the rows added since are read and prepared (a new segment of its join cache),
+    and rows deleted since leave its row map."""
     table = collection.dataset(version)
     columns = tuple(f.name for f in table.schema if f.name != "vector")
     rows_now = _read_columns(table, ["_row"]).column("_row").to_numpy().astype(np.int64)
     n = len(rows_now)
-    data: pa.Table | None = None
-    if previous is not None and previous.columns == columns and previous.data is not None:
-        old = previous.data
-        keep = previous.contains(rows_now)  # a row number is never reused: rows past max_row are new
-        if not keep.all():
-            new_rows = rows_now[~keep]
-            added = _read_columns(table, columns, f"_row > {previous.max_row}") \
-                if new_rows.min() > previous.max_row else None
-            if added is None or added.num_rows != len(new_rows):  # not plain appends: read it all
-                old = None
-            else:
-                old = pa.concat_tables([old, added.select(list(old.column_names))])
-        if old is not None:
-            if old.num_rows != n:  # rows deleted since: keep the rows this version holds
-                old = old.filter(pc.is_in(old.column("_row"), value_set=pa.array(rows_now)))
-            data = old
-    if data is None and n:
+    cache: JoinCache | None = None
+    before = previous.join_cache if previous is not None and previous.columns == columns else None
+    if before is not None:
+        top = len(before.where)  # a row number is never reused: rows from here on are new
+        new = rows_now >= top
+        if (before.where[rows_now[~new]] >= 0).all():  # the others were all there
+            count = int(new.sum())
+            added = _read_columns(table, columns, f"_row >= {top}") if count else \
+                pa.table({c: pa.array([], table.schema.field(c).type) for c in columns})
+            if added.num_rows == count:
+                cache = before.extend(added, rows_now)
+    if cache is None:
         limit = join_cache_bytes()
-        if n * 8 * len(columns) <= limit:  # a lower bound before reading; checked after
+        if not n:
+            cache = JoinCache.build(pa.table({c: pa.array([], table.schema.field(c).type) for c in columns}))
+        elif n * 8 * len(columns) <= limit:  # a lower bound before reading; checked after
             data = _read_columns(table, columns)
-            if data.nbytes > limit:
-                data = None
-    elif data is None:
-        data = pa.table({c: pa.array([], table.schema.field(c).type) for c in columns})
-    return Snapshot(int(version), table, collection.dim, columns, data, rows_now)
+            if data.nbytes <= limit:
+                cache = JoinCache.build(data)
+    return Snapshot(int(version), table, collection.dim, columns, cache, rows_now)
 
 
 class SnapshotReader:
