@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,11 +31,41 @@ import numpy as np
 from caselens.indexes import faiss_index
 from caselens.indexes.collection import Collection
 from caselens.indexes.derived import load_for_read
-from caselens.indexes.snapshot import Snapshot, SnapshotReader
+from caselens.indexes.snapshot import Selection, Snapshot, SnapshotReader
 
 log = logging.getLogger(__name__)
 
 EXACT_BELOW = 50_000  # with an HNSW index, filtered candidate sets up to this size are ranked exactly
+FILTER_MEMO_BYTES = 64 << 20  # per view: what is derived from filters' rows (selectors, vectors), kept
+
+
+class _Memo:
+    """What a view derives from the rows of a filter (a FAISS ID selector, their vectors), kept for
+    the next search with the same filter; least recently used entries go past a byte budget."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], tuple[Any, int]]) -> Any:
+        """The value kept for ``key``, or ``make()``'s (value, bytes) kept now (unless too large)."""
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit[0]
+        value, size = make()
+        if size <= self.budget // 4:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = (value, size)
+                    self._bytes += size
+                while self._bytes > self.budget and len(self._items) > 1:
+                    _, (_, dropped) = self._items.popitem(last=False)
+                    self._bytes -= dropped
+        return value
 
 
 @dataclass
@@ -46,30 +78,68 @@ class ReadView:
     excluded: list[int]  # ids in the index that must never rank (tombstones, rows not in the snapshot)
     delta_rows: np.ndarray  # sorted rows of the snapshot the index does not hold
     delta_vectors: np.ndarray  # their vectors, same order
+    memo: _Memo = field(default_factory=lambda: _Memo(FILTER_MEMO_BYTES), repr=False)
 
-    def rank(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[tuple[float, int]]:
+    def rank(self, query: np.ndarray, k: int, allowed: np.ndarray | Selection | None = None) -> list[tuple[float, int]]:
         """Top-``k`` (cosine, row) for one unit ``query`` among the snapshot's rows (only the
-        sorted ``allowed`` rows when given)."""
+        ``allowed`` rows when given: sorted row numbers, or a :class:`Selection` of this
+        snapshot, whose FAISS selector or vectors are then kept for the next search with it)."""
         query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+        if allowed is not None:
+            return self._rank_filtered(query, k, allowed)
         found: list[tuple[float, int]] = []
         index = self.index
-        if index is not None and index.ntotal and (allowed is None or len(allowed)):
-            if allowed is not None and len(allowed) <= EXACT_BELOW and faiss_index.hnsw_of(index) is not None:
-                # an HNSW graph cannot be walked through a sparse filter: rank small sets exactly
-                rows, vectors = self.snapshot.vectors(np.setdiff1d(allowed, self.delta_rows, assume_unique=True))
-                found += _top(vectors @ query[0], rows, k)
-            else:
-                scores, rows = faiss_index.search_index(index, query, k, allowed_ids=allowed, params=self.stamp.params,
-                                                        deleted=self.excluded)
-                found += [(s, r) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
+        if index is not None and index.ntotal:
+            scores, rows = faiss_index.search_index(index, query, k, params=self.stamp.params, deleted=self.excluded)
+            found += [(s, r) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
         if len(self.delta_rows):
-            vectors, rows = self.delta_vectors, self.delta_rows
-            if allowed is not None:
-                keep = np.isin(rows, allowed, assume_unique=True)
-                vectors, rows = vectors[keep], rows[keep]
-            found += _top(vectors @ query[0], rows, k)
+            found += _top(self.delta_vectors @ query[0], self.delta_rows, k)
         found.sort(key=lambda sr: -sr[0])  # stable: ties keep index order
         return found[:k]
+
+    # ------------------------------------------------------------ filtered
+    def _rank_filtered(self, query: np.ndarray, k: int, allowed: np.ndarray | Selection) -> list[tuple[float, int]]:
+        """Top-``k`` among the allowed rows: the index's share through the index -- exactly, from
+        the vectors the index keeps, for small sets in an HNSW graph (which a sparse filter cannot
+        be walked through); else FAISS with a bitmap ID selector and ``nprobe``/``efSearch``
+        widened by the selectivity (every list once the filter is selective enough, so small
+        sets are scanned whole) -- and the rows since the index exactly."""
+        selection = allowed if isinstance(allowed, Selection) else None
+        rows = allowed.rows if selection is not None else np.asarray(allowed, np.int64)
+        found: list[tuple[float, int]] = []
+        index = self.index
+        if index is not None and index.ntotal and len(rows):
+            plan = self.memo.get((selection, "plan"), lambda: self._plan(rows)) if selection is not None \
+                else self._plan(rows)[0]
+            kind, *what = plan
+            if kind == "exact":
+                indexed, vectors = what
+                found += _top(vectors @ query[0], indexed, k)
+            elif kind == "faiss":
+                selector, _bits, count = what  # (the bitmap stays alive with the selector)
+                scores, ids = faiss_index.search_index(index, query, k, params=self.stamp.params,
+                                                       selector=(selector, count))
+                found += [(s, r) for s, r in zip(scores[0].tolist(), ids[0].tolist()) if r >= 0]
+        if len(self.delta_rows):
+            keep = np.isin(self.delta_rows, rows, assume_unique=True)
+            found += _top(self.delta_vectors[keep] @ query[0], self.delta_rows[keep], k)
+        found.sort(key=lambda sr: -sr[0])  # stable: ties keep index order
+        return found[:k]
+
+    def _plan(self, rows: np.ndarray) -> tuple[tuple, int]:
+        """How the index ranks the allowed ``rows`` it holds, and the bytes that takes to keep."""
+        indexed = rows if not len(self.delta_rows) else np.setdiff1d(rows, self.delta_rows, assume_unique=True)
+        if self.excluded:  # (tombstones are deleted rows: never allowed; left out to be sure)
+            indexed = np.setdiff1d(indexed, np.asarray(self.excluded, np.int64), assume_unique=True)
+        if not len(indexed):
+            return ("none",), 0
+        if len(indexed) <= EXACT_BELOW and faiss_index.hnsw_of(self.index) is not None:
+            vectors = faiss_index.stored_vectors(self.index, indexed)
+            if vectors is None:  # a graph over compressed vectors: read them from the table
+                indexed, vectors = self.snapshot.vectors(indexed)
+            return ("exact", indexed, vectors), indexed.nbytes + vectors.nbytes
+        selector, bits = faiss_index.bitmap_selector(indexed)
+        return ("faiss", selector, bits, len(indexed)), bits.nbytes + rows.nbytes
 
 
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[float, int]]:

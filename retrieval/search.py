@@ -174,7 +174,7 @@ def dense_rows(collection: Collection, query: np.ndarray, k: int,
     """Top-``k`` (cosine, ``_row``) for one unit ``query`` vector among the rows matching
     ``predicate`` in the latest snapshot, how many candidate rows were ranked, and the snapshot."""
     view = reader_of(collection).view()
-    allowed = view.snapshot.select(predicate) if predicate is not None else None
+    allowed = view.snapshot.selection(predicate) if predicate is not None else None
     found = view.rank(np.asarray(query, np.float32), k, allowed)
     return found, (len(view.snapshot) if allowed is None else len(allowed)), view.snapshot
 
