@@ -475,15 +475,13 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
     were made for: a stamp's), so a single query does not pay for downcasts, SWIG objects and a
     hash set of every tombstone. FAISS only reads search parameters and selectors, so one set
     serves concurrent searches. Not kept when ``params`` name neither ``nprobe`` nor
-    ``efSearch`` (the index's own, changeable value applies then) or tombstones come as another
-    type than a list.
+    ``efSearch`` for an index that has one (the index's own, changeable value applies then) or
+    tombstones come as another type than a list.
     """
     dead = deleted if deleted is not None and len(deleted) else None
-    cacheable = (bool(params) and ("nprobe" in params or "efSearch" in params)
-                 and (dead is None or isinstance(dead, list)))
-    if cacheable:
+    if dead is None or isinstance(dead, list):
         cached = _PARAMS.get(id(index))
-        if cached is not None and cached[0]() is index and cached[1] == params and cached[2] == dead:
+        if cached is not None and cached[0]() is index and cached[1] == (params or {}) and cached[2] == dead:
             return cached[3]  # (dict ==, list ==: C speed)
     keep: list[Any] = []
     selector = None
@@ -494,7 +492,8 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
     p = search_params(index, params, selector)
     if p is not None:
         p._caselens_keep = keep  # the selectors live as long as the parameters
-    if cacheable:
+    tuned = bool(params) and ("nprobe" in params or "efSearch" in params)
+    if (dead is None or isinstance(dead, list)) and (tuned or (ivf_of(index) is None and hnsw_of(index) is None)):
         key = id(index)
         try:
             ref = weakref.ref(index, lambda _: _PARAMS_DROP(key, None))  # forgotten with the index

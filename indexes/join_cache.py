@@ -73,7 +73,9 @@ class Segment:
         at = {c: i for i, c in enumerate(table.column_names)}
         self.slots: list[int | None] = [at.get(c) for c in names[1:]]  # data column of each name, None: no value
         readers = [buffer_reader(c) for c in self.data.columns] if len(batches) == 1 else [None]
-        self.readers = None if None in readers else [None if s is None else readers[s] for s in self.slots]
+        # (position in a row's values, reader) of the columns with values; None: read through Arrow
+        self.readers = None if None in readers else \
+            [(i, readers[s]) for i, s in enumerate(self.slots, start=1) if s is not None]
         self._lock = threading.Lock()
         self._columns: dict[str, FilterColumn] = {}
         self._masks: OrderedDict[Node, np.ndarray] = OrderedDict()
@@ -202,6 +204,7 @@ class JoinCache:
         segments, starts = self.segments, self.starts
         single = len(segments) == 1
         if len(want) < self.PYTHON_BELOW and all(s.readers is not None for s in segments):
+            blank = [None] * len(self.names)  # columns without a value in a segment stay None
             for r in want:
                 if not 0 <= r < n or (p := where[r]) < 0:
                     out.append(None)
@@ -211,21 +214,18 @@ class JoinCache:
                 else:
                     s = bisect_right(starts, p) - 1
                     readers, p = segments[s].readers, p - starts[s]
-                values = [r]
-                for reader in readers:
-                    if reader is None:  # no value in this segment
-                        values.append(None)
-                        continue
-                    valid, a, data, off = reader
+                values = blank.copy()
+                values[0] = r
+                for i, (valid, a, data, off) in readers:
                     q = p + off
                     if valid is not None and not valid[q >> 3] >> (q & 7) & 1:
-                        values.append(None)
-                    elif data is None:  # a number
-                        values.append(a[q])
+                        continue
+                    if data is None:  # a number
+                        values[i] = a[q]
                     elif type(data) is list:  # a dictionary-encoded string: index a, strings data
-                        values.append(data[a[q]])
+                        values[i] = data[a[q]]
                     else:  # a string: offsets a, bytes data
-                        values.append(str(data[a[q]:a[q + 1]], "utf-8"))
+                        values[i] = str(data[a[q]:a[q + 1]], "utf-8")
                 out.append(values)
             return out
         if not want:

@@ -24,6 +24,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from caselens.indexes.snapshot import Selection, Snapshot, SnapshotReader
 log = logging.getLogger(__name__)
 
 EXACT_BELOW = 50_000  # with an HNSW index, filtered candidate sets up to this size are ranked exactly
+STAMP_RECHECK_S = 1.0  # a view whose index holds its snapshot exactly looks for a rebuilt one this often
 FILTER_MEMO_BYTES = 64 << 20  # per view: what is derived from filters' rows (selectors, vectors), kept
 
 
@@ -79,6 +81,10 @@ class ReadView:
     delta_rows: np.ndarray  # sorted rows of the snapshot the index does not hold
     delta_vectors: np.ndarray  # their vectors, same order
     memo: _Memo = field(default_factory=lambda: _Memo(FILTER_MEMO_BYTES), repr=False)
+
+    def __post_init__(self) -> None:
+        # the index holds exactly the snapshot's rows (nothing newer to wait for)
+        self.complete = self.stamp is not None and self.stamp.table_version == self.snapshot.version
 
     def rank(self, query: np.ndarray, k: int, allowed: np.ndarray | Selection | None = None) -> list[tuple[float, int]]:
         """Top-``k`` (cosine, row) for one unit ``query`` among the snapshot's rows (only the
@@ -184,6 +190,8 @@ class Reader:
         self._stamp_key: tuple | None = None  # (inode, mtime, size) of the stamp file last loaded
         self._view: ReadView | None = None
         self._warned = False
+        self._stamp_file = str(collection.layout.faiss_dir / faiss_index.STAMP_FILE)
+        self._recheck_at = 0.0  # (monotonic) when a view that is complete looks at the stamp file again
 
     def invalidate(self) -> None:
         """Forget the snapshot, the loaded index and the view built from them."""
@@ -196,12 +204,20 @@ class Reader:
         return self.snapshots.current()
 
     def view(self) -> ReadView:
-        """The snapshot of the latest committed version read through the last stamped index."""
+        """The snapshot of the latest committed version read through the last stamped index.
+
+        The table version is probed on every call (:meth:`SnapshotReader.latest_version`). The
+        index's stamp file is looked at whenever the snapshot changed or the index does not
+        hold exactly the snapshot's rows (a writer will stamp a newer one); an index that does
+        is the best there is for that version (a rebuild of the same version, e.g. by
+        ``caselens optimize``, is picked up within :data:`STAMP_RECHECK_S`)."""
         snapshot = self.snapshots.current()
-        stamp_file = self.collection.layout.faiss_dir / faiss_index.STAMP_FILE
-        key = faiss_index.file_key(stamp_file)
         view = self._view
+        if view is not None and view.snapshot is snapshot and view.complete and monotonic() < self._recheck_at:
+            return view
+        key = faiss_index.file_key(self._stamp_file)
         if view is not None and view.snapshot is snapshot and key == self._stamp_key and key is not None:
+            self._recheck_at = monotonic() + STAMP_RECHECK_S
             return view
         with self._lock:
             if key != self._stamp_key or key is None:  # a writer stamped a new index (or none yet)
@@ -215,6 +231,7 @@ class Reader:
             if view is None or view.snapshot is not snapshot or view.stamp is not (self._loaded or (None, None))[1]:
                 view = _view(snapshot, self._loaded, view)
                 self._view = view
+            self._recheck_at = monotonic() + STAMP_RECHECK_S
             return view
 
 
