@@ -14,6 +14,10 @@ encoder. Without the shared data the search and ask rows are skipped.
 
     .venv/bin/python benchmarks/startup.py                       # writes benchmarks/results/startup.json
     .venv/bin/python benchmarks/startup.py --repeat 9 --out startup_quiet.json
+    .venv/bin/python benchmarks/startup.py --baseline ../main/.venv/bin/caselens   # before/after, interleaved
+
+``--baseline`` names another ``caselens`` executable (e.g. the main checkout's): every command
+runs with both, in turn, and the result holds both side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ def _exe() -> list[str]:
     return [str(script)] if script.exists() else CASELENS
 
 
+def _python_of(exe: str) -> str:
+    """The interpreter of a console script (its ``#!`` line)."""
+    with open(exe) as fh:
+        first = fh.readline()
+    return first[2:].strip() if first.startswith("#!") else sys.executable
+
+
 def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of the child, exit status) of one cold run of ``cmd``."""
     before = os.times()
@@ -59,7 +70,8 @@ def heaviest_imports(cmd: list[str], env: dict[str, str], top: int = 12) -> list
     and the heaviest third-party packages)."""
     code = ("import sys, runpy; sys.argv = ['caselens'] + sys.argv[1:]; "
             "runpy.run_module('caselens.cli', run_name='__main__')")
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *cmd[1:]], env=env,
+    python = _python_of(cmd[0]) if cmd[0].endswith("caselens") else sys.executable
+    done = subprocess.run([python, "-X", "importtime", "-c", code, *cmd[1:]], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rows = []
     for line in done.stderr.splitlines():
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="cold runs of each command (default 5)")
     p.add_argument("--docs", type=int, default=200, help="documents in the text collection (default 200)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "caselens-startup-bench"))
+    p.add_argument("--baseline", help="another caselens executable to time the same way (before/after)")
     p.add_argument("--out", default="startup.json")
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -135,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if "text" in made:
         commands["ask_extractive"] = [*_exe(), "--home", home, "ask", "kb", "What causes pneumonia?",
                                       "--generator", "extractive"]
+    if args.baseline:
+        for name, cmd in list(commands.items()):
+            commands[f"{name}@baseline"] = [args.baseline, *cmd[1:]]
     for cmd in commands.values():  # compiled bytecode and the page cache warm: "cold" is a new process
         run_once(cmd, env)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
@@ -143,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             wall, cpu, _ = run_once(commands[name], env)
             times[name].append((wall, cpu))
         log(f"  round {i + 1}/{args.repeat}: " + ", ".join(f"{n} {t[-1][0]:.2f} s" for n, t in times.items()))
-    result: dict[str, Any] = {"repeat": args.repeat, "targets_s": {"help": 0.5, "search": 2.0}, "commands": {}}
+    result: dict[str, Any] = {"repeat": args.repeat, "targets_s": {"help": 0.5, "search": 2.0},
+                              "baseline": args.baseline, "commands": {}}
     for name, cmd in commands.items():
         walls, cpus = [w for w, _ in times[name]], [c for _, c in times[name]]
         result["commands"][name] = {

@@ -29,7 +29,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +37,10 @@ from caselens.errors import BadVectorError, CollectionNotFoundError, ConfigError
 from caselens.files import atomic_write_bytes, default_home
 from caselens.indexes.layout import Layout
 from caselens.indexes.lock import WriteLock
+from caselens.pandas_later import without_pandas
+
+with without_pandas():  # lance imports pyarrow.dataset, which would import pandas (~1 s) for nothing here
+    import lance
 
 log = logging.getLogger(__name__)
 
