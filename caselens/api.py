@@ -145,7 +145,7 @@ class Collection:
 
     # -------------------------------------------------------------------- ask
     def ask(self, question: str, *, generator: str | Any = "extractive", also: Sequence["Collection"] = (),
-            cases: "Collection | None" = None, image: Path | str | None = None, **config: Any) -> Answer:
+            cases: "Collection | None" = None, image: ImageQuery | None = None, **config: Any) -> Answer:
         """Answer ``question`` from this knowledge collection (and ``also`` others), with typed
         citations checked against what was retrieved; with ``cases`` and ``image``, similar cases
         join the context. ``config``: :class:`caselens.retrieval.rag.AskConfig` fields (``k``,
@@ -156,7 +156,7 @@ class Collection:
 
         knowledge = [self.storage, *(c.storage for c in also)]
         return ask(knowledge, question, generator=generator, cases=cases.storage if cases is not None else None,
-                   image=Path(image) if image is not None else None, config=AskConfig(**config))
+                   image=image, config=AskConfig(**config))
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self, label_column: str = "label", k: int = 10, exclude_same: str | None = None) -> RetrievalEval:

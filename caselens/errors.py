@@ -65,3 +65,7 @@ class PseudonymKeyError(CaselensError, ValueError):
 
 class ConfigError(CaselensError, ValueError):
     """A setting (a name, an option, a configuration field) that cannot work; says which and why."""
+
+
+class RunnerError(CaselensError, RuntimeError):
+    """A distributed runner that cannot start: its engine is not installed or its cluster not reachable."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -37,17 +36,20 @@ from caselens.errors import BadVectorError, CollectionNotFoundError, ConfigError
 from caselens.files import atomic_write_bytes, default_home
 from caselens.indexes.layout import Layout
 from caselens.indexes.lock import WriteLock
+from caselens.indexes.rows import (CORE_COLUMNS, MetadataTypeError, arrow_rows, coerce_metadata, column_name,
+                                   missing_columns, table_row)
 from caselens.pandas_later import without_pandas
 
 with without_pandas():  # lance imports pyarrow.dataset, which would import pandas (~1 s) for nothing here
     import lance
 
+__all__ = ["CORE_COLUMNS", "Collection", "LedgerEntry", "MetadataTypeError", "column_name", "lance_filter",
+           "list_collections", "quote", "take_rows", "vectors_of"]
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Columns every items table has; metadata keys become further columns beside them.
-CORE_COLUMNS = ("id", "_row", "kind", "vector", "source", "text", "provenance")
 # Metadata columns created up front so filters on them always parse.
 STANDARD_METADATA = ("label", "patient_id", "modality", "body_part", "study_uid", "series_uid")
 LEDGER_SCHEMA = pa.schema([
@@ -61,26 +63,12 @@ LEDGER_SCHEMA = pa.schema([
 ])
 
 
-class MetadataTypeError(ValueError):
-    """A metadata value that does not fit the type of its existing column."""
-
-
 def list_collections(home: Path | None = None) -> list[str]:
     """Names of the collections under ``home``."""
     home = Path(home) if home else default_home()
     if not home.is_dir():
         return []
     return sorted(p.name for p in home.iterdir() if Layout(p).exists())
-
-
-def column_name(key: str) -> str:
-    """The column a metadata key is stored in: lower-case letters, digits and underscores."""
-    name = re.sub(r"[^0-9a-zA-Z_]+", "_", key.strip()).strip("_").lower() or "field"
-    if name[0].isdigit():
-        name = f"m_{name}"
-    if name in CORE_COLUMNS or name.startswith("_"):
-        name = f"meta_{name.lstrip('_')}"
-    return name
 
 
 def lance_filter(predicate: str | None) -> str | None:
@@ -236,6 +224,11 @@ class Collection:
     def dim(self) -> int:
         return int(self.encoder["dim"])
 
+    @property
+    def items_path(self) -> Path:
+        """The items table's folder (a Lance dataset), for writers of fragments."""
+        return self.layout.items_dir
+
     def dataset(self, version: int | None = None) -> lance.LanceDataset:
         """The items table as a Lance dataset: the latest version, or ``version`` (read-only)."""
         return lance.dataset(self._items, version=version)
@@ -360,14 +353,7 @@ class Collection:
             self._ensure_columns([metadata])
 
     def _ensure_columns(self, rows: list[dict]) -> None:
-        schema = self._column_types()
-        missing: dict[str, str] = {}
-        for row in rows:
-            for key, value in row.items():
-                if key in schema or key in missing or value is None:
-                    continue
-                is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
-                missing[key] = "CAST(NULL AS DOUBLE)" if is_num else "CAST(NULL AS STRING)"
+        missing = missing_columns(rows, self._column_types())
         if missing:
             self.dataset().add_columns(missing)
             facts = self.lock.facts()
@@ -377,29 +363,10 @@ class Collection:
             log.info("collection %s: new metadata columns %s", self.name, sorted(missing))
 
     def coerce_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Metadata keyed by column name with values converted to the columns' types.
-
-        Raises :class:`MetadataTypeError` for a value that cannot be converted.
-        """
-        types = self._column_types()
-        out: dict[str, Any] = {}
-        for key, value in metadata.items():
-            col = column_name(key)
-            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
-                out[col] = None
-                continue
-            kind = types.get(col)
-            if kind is not None and pa.types.is_floating(kind):
-                try:
-                    out[col] = float(value)
-                except (TypeError, ValueError):
-                    raise MetadataTypeError(f"metadata {key!r}={value!r} is not a number, but column "
-                                            f"{col!r} holds numbers") from None
-            elif kind is not None and pa.types.is_string(kind):
-                out[col] = str(value)
-            else:
-                out[col] = value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else str(value)
-        return out
+        """Metadata keyed by column name with values converted to the columns' types
+        (:func:`caselens.indexes.rows.coerce_metadata`); :class:`MetadataTypeError` for a value
+        that cannot be converted."""
+        return coerce_metadata(metadata, self._column_types())
 
     def add(self, records: list[dict[str, Any]], vectors: np.ndarray) -> int:
         """Append ``records`` (id, kind, source, text, provenance dict, metadata dict) with their
@@ -413,18 +380,10 @@ class Collection:
             raise BadVectorError("refusing to store vectors with NaN or infinite values")
         with self.lock.hold():  # row numbers must not be handed out twice
             start = self._next_row()
-            rows = []
-            for i, rec in enumerate(records):
-                row = {"id": rec["id"], "_row": start + i, "kind": rec["kind"], "source": rec.get("source"),
-                       "text": rec.get("text"), "provenance": json.dumps(rec.get("provenance", {}), sort_keys=True)}
-                row.update(self.coerce_metadata(rec.get("metadata", {})))
-                rows.append(row)
+            rows = [table_row(rec, start + i, self.coerce_metadata(rec.get("metadata", {})))
+                    for i, rec in enumerate(records)]
             self._ensure_columns(rows)
-            schema = self.schema()
-            columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
-            columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
-            lance.write_dataset(pa.table({f.name: columns[f.name] for f in schema}, schema=schema), self._items,
-                                mode="append")
+            lance.write_dataset(arrow_rows(rows, vectors, self.schema()), self._items, mode="append")
             self.lock.facts()["next_row"] = start + len(rows)
             return self.version
 
@@ -434,6 +393,13 @@ class Collection:
             return state if isinstance(state, dict) else {}
         except (OSError, ValueError):
             return {}
+
+    def next_row(self) -> int:
+        """The next free ``_row`` number, for a writer holding :attr:`lock` that numbers rows itself
+        (the distributed ingest); see :meth:`_next_row`."""
+        if not self.lock.held():
+            raise RuntimeError("next_row() is for writers: hold collection.lock first")
+        return self._next_row()
 
     def _next_row(self) -> int:
         """The next free ``_row`` number: past the largest stored and past every number handed out

@@ -24,7 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from caselens.errors import EncoderMismatchError, IndexIntegrityError
+from caselens.errors import IndexIntegrityError
 from caselens.indexes import bm25_index, faiss_index
 from caselens.indexes.collection import Collection
 from caselens.indexes.index_choice import ChoiceConfig, choose_and_build, evaluate
@@ -129,6 +129,12 @@ def refresh(collection: Collection, *, rebuild: bool = False, config: ChoiceConf
                 if faiss_index.read_stamp(folder) is not None:
                     log.warning("%s; rebuilding", exc)
             else:
+                if (stamp.choice or {}).get("method") == "ray-sharded":
+                    # lists merged on disk by a distributed build: never changed in place; readers rank
+                    # the rows since exactly until `caselens index --rebuild` (or ray_index.build) runs
+                    log.info("FAISS index of %s is a sharded build (table v%d); rows since are ranked exactly",
+                             collection.name, stamp.table_version)
+                    return stamp
                 updated = update_index(collection, index, stamp)
                 if updated is not None:
                     return updated
@@ -207,7 +213,10 @@ def load_for_read(collection: Collection) -> tuple[faiss.Index, faiss_index.Inde
         if stamp is None:
             return None
         try:
-            return faiss_index.load_index(folder, fingerprint, mmap=mmap_wanted(collection, stamp), stamp=stamp)
+            loaded = faiss_index.load_index(folder, fingerprint, mmap=mmap_wanted(collection, stamp), stamp=stamp)
+            if not faiss_index.verify_lists(folder, stamp):
+                raise IndexIntegrityError(f"the inverted lists of the FAISS index in {folder} do not match its stamp")
+            return loaded
         except IndexIntegrityError as exc:
             if faiss_index.read_stamp(folder) != stamp:  # a writer replaced it meanwhile: read again
                 continue
@@ -396,6 +405,8 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
         except Exception as exc:  # EncoderMismatchError / IndexIntegrityError: both mean rebuild
             report.index_problems.append(str(exc).split(";")[0])
             return
+        if not faiss_index.verify_lists(collection.layout.faiss_dir, stamp):
+            report.index_problems.append("the index's on-disk inverted lists do not match its stamp")
         if stamp.table_version != collection.version:
             report.index_problems.append(f"index is of table version {stamp.table_version}, table is at "
                                          f"{collection.version}")

@@ -560,25 +560,57 @@ def build_sharded_ivf(trained: faiss.Index, shards: list[tuple[np.ndarray, np.nd
     ``trained`` (empty) index and written on its own, then the shards' inverted lists are merged
     into one on-disk file (``<name>.ivfdata``) that the index maps instead of holding in memory.
 
-    Shards can be built by separate processes or machines from the same trained index; only
-    their files are needed for the merge. Returns the merged index (lists on disk).
+    Shards can be built by separate processes or machines from the same trained index
+    (:func:`write_ivf_shard`, as :mod:`caselens.indexes.ray_index` does); only their files are
+    needed for the merge (:func:`merge_ivf_shards`). Returns the merged index (lists on disk).
     """
-    from faiss.contrib.ondisk import merge_ondisk
-
-    if ivf_of(trained) is None or not trained.is_trained or trained.ntotal:
-        raise ValueError("build_sharded_ivf needs a trained, empty IVF index")
+    check_trained_ivf(trained)
     folder.mkdir(parents=True, exist_ok=True)
-    shard_files = []
-    for i, (vectors, ids) in enumerate(shards):
-        part = faiss.clone_index(trained)
-        add_vectors(part, vectors, ids)
-        path = folder / f"shard_{i:04d}.faiss"
-        faiss.write_index(part, str(path))
-        shard_files.append(str(path))
-        del part
-    merged = faiss.clone_index(trained)
-    merge_ondisk(merged, shard_files, str(folder / f"{name}.ivfdata"))
+    shard_files = [write_ivf_shard(trained, vectors, ids, folder / f"shard_{i:04d}.faiss")
+                   for i, (vectors, ids) in enumerate(shards)]
+    merged = merge_ivf_shards(trained, shard_files, folder / f"{name}.ivfdata")
     faiss.write_index(merged, str(folder / name))
     for path in shard_files:
-        Path(path).unlink()
+        path.unlink()
     return merged
+
+
+def check_trained_ivf(trained: faiss.Index) -> None:
+    """Refuse anything but a trained, empty IVF index as the start of a sharded build."""
+    if ivf_of(trained) is None or not trained.is_trained or trained.ntotal:
+        raise ValueError("a sharded IVF build needs a trained, empty IVF index")
+
+
+def write_ivf_shard(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray, path: Path) -> Path:
+    """``vectors`` with ``ids`` added to a copy of the ``trained`` (empty) IVF index, written to
+    ``path``: one shard of a sharded build, made by any process that holds the trained index."""
+    check_trained_ivf(trained)
+    part = faiss.clone_index(trained)
+    add_vectors(part, vectors, ids)
+    faiss.write_index(part, str(path))
+    return path
+
+
+def merge_ivf_shards(trained: faiss.Index, shard_files: list[Path], ivfdata: Path) -> faiss.Index:
+    """The inverted lists of the shard files merged into one on-disk file ``ivfdata``; returns a copy
+    of ``trained`` whose lists are mapped from it (the file's absolute path is recorded in the
+    index: keep it where it was written)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    check_trained_ivf(trained)
+    merged = faiss.clone_index(trained)
+    merge_ondisk(merged, [str(p) for p in shard_files], str(ivfdata))
+    return merged
+
+
+def verify_lists(folder: Path, stamp: IndexStamp) -> bool:
+    """Whether the on-disk lists file of a sharded build named by ``stamp.choice`` (``ivfdata``,
+    written by :mod:`caselens.indexes.ray_index`) is the one the build wrote (size and sha256);
+    True for indexes that keep their lists inside the index file (the stamp's checksum covers
+    those)."""
+    name = (stamp.choice or {}).get("ivfdata")
+    if not name:
+        return True
+    path = folder / name
+    return (path.exists() and path.stat().st_size == stamp.choice.get("ivfdata_bytes")
+            and sha256_file(path) == stamp.choice.get("ivfdata_sha256"))

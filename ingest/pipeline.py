@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +27,7 @@ from caselens.errors import BadVectorError, ConfigError, UnsupportedModalityErro
 from caselens.indexes import derived
 from caselens.indexes.collection import Collection, LedgerEntry, MetadataTypeError
 from caselens.indexes.faiss_index import IndexStamp
+from caselens.ingest.embed import encode_items
 from caselens.ingest.encoders.base import Encoder
 from caselens.ingest.items import Item, Rejection, Source
 
@@ -45,6 +46,7 @@ class IngestConfig:
     refresh_every: int = 50_000  # ... and during the run, each time this many items were written since
     progress: bool = True  # show a progress bar
     record_inputs: bool = True  # note the run's absolute input root in <collection>/inputs.json (see ingest.inputs)
+    on_progress: Callable[[int, int | None], None] | None = None  # called with (inputs done, inputs expected)
 
 
 @dataclass
@@ -94,31 +96,7 @@ def _batches(items: Iterable[Item | Rejection], size: int) -> Iterable[list[Item
         yield batch
 
 
-def _encode(encoder: Encoder, items: list[Item]) -> np.ndarray:
-    if items[0].kind != "image":
-        return encoder.encode_texts([it.text or "" for it in items])
-    if not any(it.volume is not None for it in items):
-        return encoder.encode_images([it.image for it in items])
-    # volumes (series / study units): every slice embedded in one call, then pooled per item
-    from caselens.ingest.volumes import pool
-
-    images, spans = [], []
-    for it in items:
-        slices = it.volume.slices if it.volume is not None else [it.image]
-        spans.append((len(images), len(images) + len(slices)))
-        images.extend(slices)
-    flat = encoder.encode_images(images)
-    out = []
-    for it, (a, b) in zip(items, spans):
-        if it.volume is None:
-            out.append(flat[a])
-        else:
-            out.append(pool(flat[a:b], it.volume.groups or None, it.volume.pooling))
-    width = max(len(v) for v in out)
-    return np.stack([v if len(v) == width else np.full(width, np.nan, np.float32) for v in out])
-
-
-def _entries(it: Item, status: str, code: str = "", reason: str = "") -> list[LedgerEntry]:
+def ledger_entries(it: Item, status: str, code: str = "", reason: str = "") -> list[LedgerEntry]:
     """Ledger rows of one item: one per input it was built from (a series lists its files)."""
     return [LedgerEntry(name, status, it.id, code, reason) for name in (it.members or [it.input])]
 
@@ -135,7 +113,7 @@ def _inputs_done(batch: list[Item | Rejection], last_input: str | None) -> tuple
     return done, last_input
 
 
-def _record_inputs(source: Source, collection: Collection, run_id: str) -> None:
+def record_inputs(source: Source, collection: Collection, run_id: str) -> None:
     """Note where this run reads its files (before the first batch, so that a run killed midway has
     its stored items covered). A local file of the collection, never an index column: see
     :mod:`caselens.ingest.inputs`. A failure to write it costs only the images of this run's
@@ -189,9 +167,9 @@ class _Writer:
         # rows without ledger rows, which a re-run records as duplicates
 
 
-def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
-    """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
-    config = config or IngestConfig()
+def check_run(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig) -> None:
+    """Refuse a run before it starts: a bad setting, an encoder other than the collection's, an
+    encoder that cannot embed the source's items."""
     if config.on_bad_vectors not in ("reject", "error"):
         raise ConfigError(f"on_bad_vectors must be 'reject' or 'error', not {config.on_bad_vectors!r}")
     collection.check_encoder(encoder.info.to_record())
@@ -199,16 +177,24 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         raise UnsupportedModalityError(
             f"encoder {encoder.info.spec} embeds {', '.join(encoder.info.modalities)}, but this source holds "
             f"{source.kind} items; choose an encoder for {source.kind}")
+
+
+def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
+    """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
+    config = config or IngestConfig()
+    check_run(source, collection, encoder, config)
     report = IngestReport(run_id=uuid.uuid4().hex[:12], collection=collection.name, root=collection.root)
     start = time.perf_counter()
     limit = encoder.max_tokens() if source.kind == "text" else None
     seen: set[str] = set()
     last_input: str | None = None  # the input of the batch's last item: chunks of one row may span batches
-    bar = tqdm(total=source.estimate(), unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
+    expected = source.estimate()
+    inputs_done = 0
+    bar = tqdm(total=expected, unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
     refreshed_at = 0  # items written when the derived indexes were last refreshed
     with collection.lock.hold():
         if config.record_inputs:
-            _record_inputs(source, collection, report.run_id)
+            record_inputs(source, collection, report.run_id)
         writer = _Writer(collection, report.run_id, config.write_items, config.write_seconds)
         # the write lock is held until the end: nobody else adds items meanwhile, so the ids
         # stored at the start plus those accepted since (``seen``) are all that is stored
@@ -225,14 +211,14 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                         entries.append(LedgerEntry(it.input, "rejected", "", it.reason_code, it.reason))
                         report.rejected[it.reason_code] += 1
                     elif it.id in stored or it.id in seen:
-                        entries.extend(_entries(it, "duplicate", "already_present",
+                        entries.extend(ledger_entries(it, "duplicate", "already_present",
                                                 "an item with this id is already stored; nothing added"))
                         report.duplicates += 1
                     else:
                         try:
                             it.metadata = collection.coerce_metadata(it.metadata)
                         except MetadataTypeError as exc:
-                            entries.extend(_entries(it, "rejected", "bad_metadata", str(exc)))
+                            entries.extend(ledger_entries(it, "rejected", "bad_metadata", str(exc)))
                             report.rejected["bad_metadata"] += 1
                             continue
                         # new columns now, not when the group is written: the next item's
@@ -243,14 +229,14 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                 records, keep = [], []
                 vectors = None
                 if fresh:
-                    vectors = _encode(encoder, fresh)
+                    vectors = encode_items(encoder, fresh)
                     good = np.isfinite(vectors).all(axis=1) & (vectors.shape[1] == collection.dim)
                     if not good.all() and config.on_bad_vectors == "error":
                         bad = [fresh[i].input for i in np.flatnonzero(~good)]
                         raise BadVectorError(f"encoder returned non-finite vectors for {bad}; nothing of this batch stored")
                     for i, it in enumerate(fresh):
                         if not good[i]:
-                            entries.extend(_entries(it, "rejected", "bad_vector",
+                            entries.extend(ledger_entries(it, "rejected", "bad_vector",
                                                     "encoder returned a non-finite vector or one of the wrong size"))
                             report.rejected["bad_vector"] += 1
                             seen.discard(it.id)
@@ -265,7 +251,7 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                         records.append({"id": it.id, "kind": it.kind, "source": it.source, "text": it.text,
                                         "provenance": it.provenance, "metadata": it.metadata})
                         keep.append(i)
-                        entries.extend(_entries(it, "accepted", note_code, note))
+                        entries.extend(ledger_entries(it, "accepted", note_code, note))
                 writer.put(records, vectors[keep] if records else None, entries)
                 if config.build_index and writer.written - refreshed_at >= config.refresh_every:
                     derived.refresh(collection)  # readers rank rows newer than the index exactly: keep them few
@@ -273,6 +259,9 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                 report.accepted += len(records)
                 done, last_input = _inputs_done(batch, last_input)
                 bar.update(done)
+                inputs_done += done
+                if config.on_progress is not None:
+                    config.on_progress(inputs_done, expected)
         except BaseException:
             try:  # keep what finished before the error (a kill cannot, a re-run redoes it)
                 writer.flush()
@@ -282,9 +271,16 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         writer.flush()
         if report.accepted:
             collection.compact()
-        if config.build_index:
-            report.index, _ = derived.refresh_all(collection, progress=config.progress)
     bar.close()
+    return finish_run(report, collection, config, start)
+
+
+def finish_run(report: IngestReport, collection: Collection, config: IngestConfig, start: float) -> IngestReport:
+    """After the writes: bring the derived indexes (FAISS, BM25) up to date when asked (the
+    writer's job, holding the write lock), then the report's totals and time (``start``:
+    ``time.perf_counter()`` when the run began)."""
+    if config.build_index:
+        report.index, _ = derived.refresh_all(collection, progress=config.progress)
     report.table_version = collection.version
     report.total_items = collection.count()
     report.seconds = time.perf_counter() - start

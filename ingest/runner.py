@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from caselens.errors import SourceError, UnsupportedModalityError
 from caselens.indexes.collection import Collection, default_home
@@ -74,7 +74,12 @@ class IngestRequest:
     batch_size: int = 32
     write_items: int = 1024
     build_index: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal
+    on_progress: Callable[[int, int | None], None] | None = None  # called with (inputs done, inputs expected)
+    runner: str = "local"  # "local": this process; "ray": Ray Data tasks and encoder actors (docs/scaling.md)
+    address: str | None = None  # runner "ray": None starts a local Ray, "auto" joins the running cluster, ray://...
+    encoder_workers: int = 1  # runner "ray": encoder actors, each holding one copy of the model
+    gpus_per_worker: float = 0.0  # runner "ray": GPUs per encoder actor
 
     def __post_init__(self) -> None:
         kinds = [k for k, given in (("images", self.images is not None or self.manifest is not None),
@@ -89,6 +94,8 @@ class IngestRequest:
             raise SourceError(f"pdf_items {self.pdf_items!r}: use 'chunks' or 'pages'")
         if self.batch_size < 1 or self.write_items < 1:
             raise SourceError("batch_size and write_items must be at least 1")
+        if self.runner not in ("local", "ray"):
+            raise SourceError(f"runner {self.runner!r}: use 'local' or 'ray'")
 
     @property
     def source_kind(self) -> str:
@@ -219,9 +226,16 @@ def run_ingest(name: str, request: IngestRequest, home: Path | str | None = None
     else:
         collection = existing
     source = _source(request, encoder, existing, collection.secret(), notes)
-    report = ingest(source, collection, encoder, IngestConfig(batch_size=request.batch_size,
-                                                              write_items=request.write_items,
-                                                              build_index=request.build_index,
-                                                              progress=request.progress))
+    config = IngestConfig(batch_size=request.batch_size, write_items=request.write_items,
+                          build_index=request.build_index, progress=request.progress, on_progress=request.on_progress)
+    if request.runner == "ray":  # the same stages on a Ray cluster (imported only when asked: Ray is optional)
+        from caselens.ingest.ray_runner import RayConfig
+        from caselens.ingest.ray_runner import ingest as ray_ingest
+
+        report = ray_ingest(source, collection, encoder, config,
+                            RayConfig(address=request.address, encoder_workers=request.encoder_workers,
+                                      gpus_per_worker=request.gpus_per_worker))
+    else:
+        report = ingest(source, collection, encoder, config)
     report.notes[:0] = notes
     return report

@@ -255,7 +255,7 @@ def read_query_image(image: ImageQuery, collection: Collection) -> Item:
             path = Path(tmp) / "query"
             path.write_bytes(data)
             result = ImageSource(root=path.parent, secret=collection.secret(), dicom_options=options).read(path, {})
-        name = "uploaded image"
+        name = "the uploaded image"
     else:
         path = Path(image).expanduser()
         if not path.is_file():

@@ -9,6 +9,7 @@ read, and with ``label_from_folder`` its parent folder name is its label.
 
 from __future__ import annotations
 
+import copy
 import csv
 import warnings
 from pathlib import Path
@@ -113,20 +114,41 @@ class ImageSource:
                 yield path
 
     def __iter__(self) -> Iterator[Item | Rejection]:
+        for part in self.parts():
+            yield from self.read_part(part)
+
+    # A distributed ingest lists the inputs once (``parts``, on the driver) and reads the parts
+    # elsewhere (``read_part`` on a light copy from ``part_reader``, given the secret there).
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The inputs in order, in groups of ``size`` (0: one group): manifest rows
+        ``{"rows": [(line, row), ...]}`` or files ``{"files": [(path, label), ...]}``;
+        ``{"reject": (input, code, reason)}`` for an empty source."""
         if self.rows is not None:
             if not self.rows:
-                yield Rejection(str(self.manifest_dir / "manifest"), "empty_source", "manifest lists no images")
-            for line, row in enumerate(self.rows, start=2):
-                yield self._from_row(line, row)
-            return
+                return [{"reject": (str(self.manifest_dir / "manifest"), "empty_source", "manifest lists no images")}]
+            rows = list(enumerate(self.rows, start=2))
+            return [{"rows": rows[i:i + size]} for i in range(0, len(rows), size)] if size else [{"rows": rows}]
         paths = list(self.files) if self.files is not None else list(self._walk())
         if not paths:
-            yield Rejection(str(self.root), "empty_source", "folder holds no files; nothing to ingest")
-        for path in paths:
-            label = None
-            if self.label_from_folder and path.parent != self.root:
-                label = path.parent.name
-            yield self.read(path, {"label": label} if label else {})
+            return [{"reject": (str(self.root), "empty_source", "folder holds no files; nothing to ingest")}]
+        files = [(str(p), p.parent.name if self.label_from_folder and p.parent != self.root else None) for p in paths]
+        return [{"files": files[i:i + size]} for i in range(0, len(files), size)] if size else [{"files": files}]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items and rejections of one group of :meth:`parts`, in order."""
+        if "reject" in part:
+            yield Rejection(*part["reject"])
+        for line, row in part.get("rows", ()):
+            yield self._from_row(line, row)
+        for path, label in part.get("files", ()):
+            yield self.read(Path(path), {"label": label} if label else {})
+
+    def part_reader(self) -> "ImageSource":
+        """A copy that reads parts: without the manifest rows and without the secret (set
+        ``secret`` on it where it runs)."""
+        reader = copy.copy(self)
+        reader.rows, reader.files, reader.secret = None, None, b""
+        return reader
 
     def _from_row(self, line: int, row: dict[str, str]) -> Item | Rejection:
         rel = (row.get("path") or "").strip()

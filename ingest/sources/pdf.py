@@ -18,6 +18,7 @@ a reason.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -118,12 +119,29 @@ class PdfSource:
         return None  # pages and chunks per file are known only once read
 
     def __iter__(self) -> Iterator[Item | Rejection]:
-        files = self.files()
+        for part in self.parts():
+            yield from self.read_part(part)
+
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The files in order, one per group when ``size`` is given (a PDF is many pages), else all
+        in one group, for :meth:`read_part`."""
+        files = [str(p) for p in self.files()]
         if not files:
-            yield Rejection(str(self.path), "empty_source", "the folder holds no files; point --pdf at PDFs")
-            return
-        for file in files:
-            yield from self._read_file(file)
+            return [{"reject": (str(self.path), "empty_source", "the folder holds no files; point --pdf at PDFs")}]
+        return [{"files": [f]} for f in files] if size else [{"files": files}]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items and rejections of one group of :meth:`parts`, in order."""
+        if "reject" in part:
+            yield Rejection(*part["reject"])
+        for name in part.get("files", ()):
+            yield from self._read_file(Path(name))
+
+    def part_reader(self) -> "PdfSource":
+        """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs)."""
+        reader = copy.copy(self)
+        reader.chunker = None
+        return reader
 
     # ------------------------------------------------------------------ files
     def _read_file(self, file: Path) -> Iterator[Item | Rejection]:

@@ -8,6 +8,7 @@ names the row.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -55,12 +56,35 @@ class TextCorpusSource:
                         continue
                     yield line, obj if isinstance(obj, dict) else None, "" if isinstance(obj, dict) else "line is not a JSON object"
 
-    def __iter__(self) -> Iterator[Item | Rejection]:
-        count = 0
-        for line, row, problem in self._rows():
+    def _limited_rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+        for count, entry in enumerate(self._rows()):
             if self.limit is not None and count >= self.limit:
                 break
-            count += 1
+            yield entry
+
+    def __iter__(self) -> Iterator[Item | Rejection]:
+        empty = True
+        for entry in self._limited_rows():
+            empty = False
+            yield from self.read_part({"rows": [entry]})
+        if empty:
+            yield from self.read_part(self._empty)
+
+    # A distributed ingest reads the rows once here (``parts``, on the driver: parsing is cheap
+    # next to embedding) and builds and chunks items elsewhere (``read_part``).
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The rows (``limit`` applied) in groups of ``size`` (0: one group):
+        ``{"rows": [(line, row or None, problem), ...]}``, or an ``empty_source`` rejection."""
+        rows = list(self._limited_rows())
+        if not rows:
+            return [self._empty]
+        return [{"rows": rows[i:i + size]} for i in range(0, len(rows), size)] if size else [{"rows": rows}]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items (chunked) and rejections of one group of :meth:`parts`, in order."""
+        if "reject" in part:
+            yield Rejection(*part["reject"])
+        for line, row, problem in part.get("rows", ()):
             ref = f"{self.path.name}:{line}"
             if row is None:
                 yield Rejection(ref, "bad_json", problem)
@@ -78,5 +102,14 @@ class TextCorpusSource:
             yield from chunk_item(Item(id=item_id, kind="text", input=ref, source=self.path.name, text=text.strip(),
                                        metadata=meta, provenance={"file": self.path.name, "line": line}),
                                   self.chunker)
-        if count == 0:
-            yield Rejection(self.path.name, "empty_source", "corpus holds no rows")
+
+    @property
+    def _empty(self) -> dict[str, Any]:
+        return {"reject": (self.path.name, "empty_source", "corpus holds no rows")}
+
+    def part_reader(self) -> "TextCorpusSource":
+        """A copy that reads parts, without its chunker (its tokenizer belongs to the encoder: set
+        ``chunker`` on the copy where it runs)."""
+        reader = copy.copy(self)
+        reader.chunker = None
+        return reader

@@ -9,9 +9,10 @@ UTF-8 text, are empty, or have another suffix are rejected with a reason.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from caselens.errors import SourceError
 from caselens.ingest.chunking import Chunker, chunk_item
@@ -39,10 +40,22 @@ class TextFolderSource:
         return len(self.files())
 
     def __iter__(self) -> Iterator[Item | Rejection]:
-        files = self.files()
+        for part in self.parts():
+            yield from self.read_part(part)
+
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The files in order, in groups of ``size`` (0: one group), for :meth:`read_part`."""
+        files = [str(p) for p in self.files()]
         if not files:
-            yield Rejection(str(self.root), "empty_source", "the folder holds no files")
-        for path in files:
+            return [{"reject": (str(self.root), "empty_source", "the folder holds no files")}]
+        return [{"files": files[i:i + size]} for i in range(0, len(files), size)] if size else [{"files": files}]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items (chunked) and rejections of one group of :meth:`parts`, in order."""
+        if "reject" in part:
+            yield Rejection(*part["reject"])
+        for name in part.get("files", ()):
+            path = Path(name)
             rel = str(path.relative_to(self.root))
             if path.suffix.lower() not in SUFFIXES:
                 yield Rejection(rel, "not_text", f"only {', '.join(SUFFIXES)} files are read from a text folder")
@@ -60,3 +73,9 @@ class TextFolderSource:
                         metadata={"document": heading.group(1) if heading else path.stem},
                         provenance={"file": rel, "sha256": sha256_file(path)})
             yield from chunk_item(item, self.chunker)
+
+    def part_reader(self) -> "TextFolderSource":
+        """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs)."""
+        reader = copy.copy(self)
+        reader.chunker = None
+        return reader

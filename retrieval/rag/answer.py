@@ -21,7 +21,6 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 from caselens.errors import QueryError
@@ -31,7 +30,7 @@ from caselens.retrieval.rag.generators import Generator, Request
 from caselens.retrieval.rag.registry import load_generator
 from caselens.retrieval.rag.grounding import check_grounding
 from caselens.retrieval.rag.prompts import ABSTAIN_TEXT
-from caselens.retrieval.search import ExclusionUnknownError, search
+from caselens.retrieval.search import ExclusionUnknownError, ImageQuery, search
 
 
 @dataclass
@@ -115,7 +114,7 @@ _Hits = dict[tuple[str, str], tuple[Collection, Any]]  # (collection name, item 
 
 
 def _retrieve(question: str, knowledge: Sequence[Collection], cases: Collection | None,
-              image: Path | None, config: AskConfig) -> tuple[list[ContextItem], _Hits]:
+              image: ImageQuery | None, config: AskConfig) -> tuple[list[ContextItem], _Hits]:
     """Context items without images, and the hits they came from (to find their images later)."""
     items: list[ContextItem] = []
     hits: _Hits = {}
@@ -125,10 +124,10 @@ def _retrieve(question: str, knowledge: Sequence[Collection], cases: Collection 
             raise QueryError("a query image needs a case collection (--cases)")
         column = config.exclude_same if config.exclude_same in cases.columns() else None
         try:  # the query image itself and its patient never come back as a similar case
-            result = search(cases, image=Path(image), k=config.k_cases, exclude_self=True, exclude_same=column,
+            result = search(cases, image=image, k=config.k_cases, exclude_self=True, exclude_same=column,
                             query_patient=config.query_patient if column else None)
         except ExclusionUnknownError:  # its patient is not known: only its stored copy is left out
-            result = search(cases, image=Path(image), k=config.k_cases, exclude_self=True)
+            result = search(cases, image=image, k=config.k_cases, exclude_self=True)
         for hit in result.hits:
             text = sanitize(case_text(hit))
             items.append(ContextItem(citation_key("case", hit), "case", cases.name, hit.id, text, hit.score,
@@ -191,7 +190,7 @@ def takes_images(generator: Generator) -> bool:
 
 
 def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Collection | None = None,
-                     image: Path | None = None, config: AskConfig | None = None, *, images: bool = True,
+                     image: ImageQuery | None = None, config: AskConfig | None = None, *, images: bool = True,
                      chunk_pages: bool = False) -> list[ContextItem]:
     """Cases for ``image`` and passages for ``question`` (+ the cases' findings), best first.
 
@@ -205,7 +204,7 @@ def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Coll
 
 
 def ask(knowledge: Collection | Sequence[Collection], question: str, *, generator: Generator | str = "auto",
-        cases: Collection | None = None, image: Path | None = None, config: AskConfig | None = None) -> Answer:
+        cases: Collection | None = None, image: ImageQuery | None = None, config: AskConfig | None = None) -> Answer:
     """Answer ``question`` from ``knowledge`` collections (and cases similar to ``image``)."""
     config = config or AskConfig()
     if not question.strip():
