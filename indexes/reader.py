@@ -97,9 +97,10 @@ class ReadView:
         index = self.index
         if index is not None and index.ntotal:
             scores, rows = faiss_index.search_index(index, query, k, params=self.stamp.params, deleted=self.excluded)
-            found += [(s, r) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
-        if len(self.delta_rows):
-            found += _top(self.delta_vectors @ query[0], self.delta_rows, k)
+            found = [(s, r) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0]
+        if not len(self.delta_rows):
+            return found  # (FAISS returns them best first)
+        found += _top(self.delta_vectors @ query[0], self.delta_rows, k)
         found.sort(key=lambda sr: -sr[0])  # stable: ties keep index order
         return found[:k]
 

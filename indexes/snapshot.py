@@ -288,13 +288,8 @@ class SnapshotReader:
     def latest_version(self) -> int:
         """The latest committed table version (exact; a stat() while nothing was committed)."""
         snapshot, probe = self._snapshot, self._next_manifest
-        if snapshot is not None and probe is not None:
-            try:
-                os.stat(probe)
-            except FileNotFoundError:
-                return snapshot.version
-            except OSError:
-                pass
+        if snapshot is not None and probe is not None and not os.access(probe, os.F_OK):
+            return snapshot.version  # (access() answers without raising: no exception object per search)
         return self.collection.version
 
     def current(self) -> Snapshot:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -228,7 +229,7 @@ def search_vector(collection: Collection, query: np.ndarray, k: int = 10, where:
     query = np.asarray(query, np.float32).reshape(1, -1)
     if query.shape[1] != collection.dim:
         raise QueryError(f"query vector has dimension {query.shape[1]}, collection {collection.name!r} has {collection.dim}")
-    if not np.isfinite(query).all():
+    if not math.isfinite(query.sum(dtype=np.float64)):  # (float32 values cannot overflow a float64 sum)
         raise QueryError("query vector has NaN or infinite values")
     view = view or reader_of(collection).view()
     pred = predicate(collection, view.snapshot, where, exclude, exclude_ids)
