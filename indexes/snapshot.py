@@ -135,6 +135,11 @@ class Snapshot:
     def contains(self, row_ids: np.ndarray) -> np.ndarray:
         """Which of ``row_ids`` this version holds (a boolean array)."""
         row_ids = np.asarray(row_ids, np.int64)
+        if self._cache is not None:  # the row map: linear time
+            where = self._cache.where
+            held = (row_ids >= 0) & (row_ids < len(where))
+            held[held] = where[row_ids[held]] >= 0
+            return held
         if not len(self.rows):
             return np.zeros(len(row_ids), bool)
         pos = np.minimum(np.searchsorted(self.rows, row_ids), len(self.rows) - 1)
