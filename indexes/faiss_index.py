@@ -506,15 +506,15 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
 def search_index(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
                  params: dict[str, int] | None = None, deleted: list[int] | np.ndarray | None = None,
                  selectivity: float | None = None,
-                 selector: tuple[faiss.IDSelector, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 selector: tuple[faiss.IDSelector | None, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, ids) for each query.
 
     ``allowed_ids`` restricts the search before ranking (an ID selector); ``params`` are the
     stamp's tuned ``nprobe``/``efSearch``; ``deleted`` are tombstoned ids that never come back;
     ``selectivity`` (allowed / total, computed when not given) widens the search for filters.
-    ``selector`` is a prebuilt (ID selector, number of ids it selects) to use instead of
-    ``allowed_ids`` (made by :func:`bitmap_selector`, tombstones left out, kept for repeated
-    searches with one filter).
+    ``selector`` is a prebuilt (ID selector or None, number of ids it selects) to use instead
+    of ``allowed_ids`` (made by :func:`bitmap_selector`, tombstones left out, kept for repeated
+    searches with one filter; None: every id of ``index``, which holds only the allowed ones).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim == 1:

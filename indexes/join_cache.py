@@ -251,18 +251,31 @@ class JoinCache:
         return rows
 
     # ------------------------------------------------------------- filters
-    def select(self, terms: Sequence[Node]) -> np.ndarray:
-        """Sorted ``_row`` numbers of this version for which every one of ``terms`` is true
-        (:class:`~caselens.indexes.filters.Unsupported` when one cannot be evaluated here)."""
-        parts = []
+    def select(self, terms: Sequence[Node], removed_below: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sorted ``_row`` numbers of this version for which every one of ``terms`` is true, and,
+        when fewer than ``removed_below``, the rows the first term selects that the others remove
+        (with one term: the rows of this version it does not select); else None.
+        :class:`~caselens.indexes.filters.Unsupported` when a term cannot be evaluated here."""
+        parts, rest, counted = [], [], 0
         for segment, alive in zip(self.segments, self.alive):
-            mask = segment.mask(terms[0])
+            first = segment.mask(terms[0])
+            mask = first
             for term in terms[1:]:
                 mask = mask & segment.mask(term)
             if alive is not None:
                 mask = mask & alive
             parts.append(segment.rows[np.flatnonzero(mask)])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if removed_below:
+                gone = (first & ~mask) if len(terms) > 1 else ~mask
+                if alive is not None:
+                    gone &= alive
+                counted += int(np.count_nonzero(gone))
+                if counted < removed_below:
+                    rest.append(segment.rows[np.flatnonzero(gone)])
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        removed = (rest[0] if len(rest) == 1 else np.concatenate(rest)) if removed_below and counted < removed_below \
+            else None
+        return rows, removed
 
     def column(self, name: str) -> tuple[np.ndarray, pa.ChunkedArray]:
         """(``_row`` numbers, values of column ``name``) of the rows this version holds, in row order."""

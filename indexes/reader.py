@@ -19,6 +19,7 @@ warning says to run ``caselens index``).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -27,9 +28,10 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
 
+import faiss
 import numpy as np
 
-from caselens.indexes import faiss_index
+from caselens.indexes import faiss_index, subset_index
 from caselens.indexes.collection import Collection
 from caselens.indexes.derived import load_for_read
 from caselens.indexes.snapshot import Selection, Snapshot, SnapshotReader
@@ -38,7 +40,9 @@ log = logging.getLogger(__name__)
 
 EXACT_BELOW = 50_000  # with an HNSW index, filtered candidate sets up to this size are ranked exactly
 STAMP_RECHECK_S = 1.0  # a view whose index holds its snapshot exactly looks for a rebuilt one this often
-FILTER_MEMO_BYTES = 64 << 20  # per view: what is derived from filters' rows (selectors, vectors), kept
+# per view: what is derived from filters' rows (selectors, subset indexes, vectors), kept
+FILTER_MEMO_BYTES = int(os.environ.get("CASELENS_FILTER_MEMO_BYTES", str(256 << 20)))
+SUBSET_AT_ONCE = 20_000  # filters selecting up to this many indexed rows get an index of their own at once
 
 
 class _Memo:
@@ -62,12 +66,24 @@ class _Memo:
         if size <= self.budget // 4:
             with self._lock:
                 if key not in self._items:
-                    self._items[key] = (value, size)
-                    self._bytes += size
-                while self._bytes > self.budget and len(self._items) > 1:
-                    _, (_, dropped) = self._items.popitem(last=False)
-                    self._bytes -= dropped
+                    self._store(key, value, size)
         return value
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        """Keep ``value`` for ``key`` (in place of what was kept), unless too large."""
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if size <= self.budget // 4:
+                self._store(key, value, size)
+
+    def _store(self, key: Any, value: Any, size: int) -> None:
+        self._items[key] = (value, size)
+        self._bytes += size
+        while self._bytes > self.budget and len(self._items) > 1:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self._bytes -= dropped
 
 
 @dataclass
@@ -107,47 +123,93 @@ class ReadView:
 
     # ------------------------------------------------------------ filtered
     def _rank_filtered(self, query: np.ndarray, k: int, allowed: np.ndarray | Selection) -> list[tuple[float, int]]:
-        """Top-``k`` among the allowed rows: the index's share through the index -- exactly, from
-        the vectors the index keeps, for small sets in an HNSW graph (which a sparse filter cannot
-        be walked through); else FAISS with a bitmap ID selector and ``nprobe``/``efSearch``
-        widened by the selectivity (every list once the filter is selective enough, so small
-        sets are scanned whole) -- and the rows since the index exactly."""
+        """Top-``k`` among the allowed rows: the index's share through the index, the rows since
+        it exactly. How the index ranks a filter's rows (:meth:`_plan`) is kept for the next
+        search with that filter; a filter that is another one less a few rows (a per-query
+        exclusion) is ranked through the other one's, those rows left out by an ID selector."""
         selection = allowed if isinstance(allowed, Selection) else None
         rows = allowed.rows if selection is not None else np.asarray(allowed, np.int64)
         found: list[tuple[float, int]] = []
         index = self.index
         if index is not None and index.ntotal and len(rows):
-            plan = self.memo.get((selection, "plan"), lambda: self._plan(rows)) if selection is not None \
-                else self._plan(rows)[0]
-            kind, *what = plan
-            if kind == "exact":
-                indexed, vectors = what
-                found += _top(vectors @ query[0], indexed, k)
-            elif kind == "faiss":
-                selector, _bits, count = what  # (the bitmap stays alive with the selector)
+            removed = selection.removed if selection is not None else None
+            if removed is not None and selection.base is None:  # every row but a few
                 scores, ids = faiss_index.search_index(index, query, k, params=self.stamp.params,
-                                                       selector=(selector, count))
+                                                       deleted=[*self.excluded, *removed.tolist()])
                 found += [(s, r) for s, r in zip(scores[0].tolist(), ids[0].tolist()) if r >= 0]
+            else:
+                target = selection.base if removed is not None else selection
+                plan = self._plan_of(target) if target is not None else self._plan(rows, True)[0]
+                found += self._run(plan, query, k, removed)
         if len(self.delta_rows):
             keep = np.isin(self.delta_rows, rows, assume_unique=True)
             found += _top(self.delta_vectors[keep] @ query[0], self.delta_rows[keep], k)
         found.sort(key=lambda sr: -sr[0])  # stable: ties keep index order
         return found[:k]
 
-    def _plan(self, rows: np.ndarray) -> tuple[tuple, int]:
-        """How the index ranks the allowed ``rows`` it holds, and the bytes that takes to keep."""
+    def _plan_of(self, selection: Selection) -> tuple:
+        """The plan kept for ``selection``: made at its first search, and made again at its second
+        when an index of its own rows was not worth building for one search."""
+        key = (selection, "plan")
+        plan = self.memo.get(key, lambda: self._plan(selection.rows, True))
+        if plan[0] == "bitmap" and plan[-1]:  # (searched once; an index of its own would pay off now)
+            plan, size = self._plan(selection.rows, False)
+            self.memo.put(key, plan, size)
+        return plan
+
+    def _plan(self, rows: np.ndarray, first: bool) -> tuple[tuple, int]:
+        """How the index ranks the allowed ``rows`` it holds, and the bytes that takes to keep:
+        ("exact", rows, vectors) -- a small set in an HNSW graph (which a sparse filter cannot be
+        walked through), ranked from the vectors the index keeps; ("subset", index, count,
+        selectivity) -- an IVF index of these rows' codes (:mod:`caselens.indexes.subset_index`),
+        built at once for small sets and at the second search for larger ones; ("bitmap",
+        selector, bits, count, upgrade) -- the index itself through a bitmap ID selector."""
+        index = self.index
         indexed = rows if not len(self.delta_rows) else np.setdiff1d(rows, self.delta_rows, assume_unique=True)
         if self.excluded:  # (tombstones are deleted rows: never allowed; left out to be sure)
             indexed = np.setdiff1d(indexed, np.asarray(self.excluded, np.int64), assume_unique=True)
         if not len(indexed):
             return ("none",), 0
-        if len(indexed) <= EXACT_BELOW and faiss_index.hnsw_of(self.index) is not None:
-            vectors = faiss_index.stored_vectors(self.index, indexed)
+        if len(indexed) <= EXACT_BELOW and faiss_index.hnsw_of(index) is not None:
+            vectors = faiss_index.stored_vectors(index, indexed)
             if vectors is None:  # a graph over compressed vectors: read them from the table
                 indexed, vectors = self.snapshot.vectors(indexed)
             return ("exact", indexed, vectors), indexed.nbytes + vectors.nbytes
+        fits = subset_index.supports(index) and \
+            subset_index.subset_bytes(index, len(indexed)) <= self.memo.budget // 4
+        if fits and (not first or len(indexed) <= SUBSET_AT_ONCE):
+            sub = subset_index.subset_index(index, indexed)
+            return ("subset", sub, len(indexed), len(indexed) / index.ntotal), \
+                subset_index.subset_bytes(index, len(indexed))
         selector, bits = faiss_index.bitmap_selector(indexed)
-        return ("faiss", selector, bits, len(indexed)), bits.nbytes + rows.nbytes
+        return ("bitmap", selector, bits, len(indexed), fits), bits.nbytes + indexed.nbytes
+
+    def _run(self, plan: tuple, query: np.ndarray, k: int, removed: np.ndarray | None) -> list[tuple[float, int]]:
+        """Top-``k`` of ``plan``'s rows, less the ``removed`` ones."""
+        kind = plan[0]
+        if kind == "none":
+            return []
+        if kind == "exact":
+            indexed, vectors = plan[1], plan[2]
+            if removed is not None:
+                keep = ~np.isin(indexed, removed)
+                indexed, vectors = indexed[keep], vectors[keep]
+            return _top(vectors @ query[0], indexed, k)
+        leave_out = None
+        if removed is not None and len(removed):
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(removed, np.int64))
+            leave_out = (batch, faiss.IDSelectorNot(batch))  # (the batch lives as long as the selector)
+        if kind == "subset":
+            sub, count, selectivity = plan[1], plan[2], plan[3]
+            selector = leave_out[1] if leave_out is not None else None
+            scores, ids = faiss_index.search_index(sub, query, k, params=self.stamp.params, selectivity=selectivity,
+                                                   selector=(selector, count))
+        else:
+            selector, count = plan[1], plan[3]  # (plan[2]: the bitmap, alive with the plan)
+            both = faiss.IDSelectorAnd(selector, leave_out[1]) if leave_out is not None else selector
+            scores, ids = faiss_index.search_index(self.index, query, k, params=self.stamp.params,
+                                                   selector=(both, count))
+        return [(s, r) for s, r in zip(scores[0].tolist(), ids[0].tolist()) if r >= 0]
 
 
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[float, int]]:

@@ -52,22 +52,33 @@ def _manifest_v2(version: int) -> str:
 
 
 SELECTIONS_BYTES = 64 << 20  # filter results kept per snapshot (8 bytes a row), least recently used dropped
+# a filter that takes out at most this many rows (and this share) of another is searched as that one, less them
+REMOVED_FEW, REMOVED_SHARE = 4096, 0.05
 
 
 class Selection:
-    """The rows of one snapshot that match one filter (sorted, read-only), and what readers derive
-    from them, kept with them for the next search with the same filter (:attr:`memo`)."""
+    """The rows of one snapshot that match one filter (sorted, read-only).
 
-    def __init__(self, predicate: str, rows: np.ndarray, evaluated: str):
+    When the filter is another one (its first ``AND`` term, :attr:`base`; None: no filter at all)
+    with a few rows taken out (a per-query exclusion such as the query's own patient),
+    :attr:`removed` lists them: readers then search through what they keep for the base -- the
+    same for every query with that filter -- and leave those rows out."""
+
+    def __init__(self, predicate: str, rows: np.ndarray, evaluated: str, base: "Selection | None" = None,
+                 removed: np.ndarray | None = None):
         rows.flags.writeable = False
         self.predicate = predicate
         self.rows = rows
         self.evaluated = evaluated  # "memory" (the in-memory columns) or "scan" (the Lance scan)
-        self.memo: dict[Any, Any] = {}  # e.g. a FAISS ID selector over these rows
-        self.lock = threading.Lock()
+        self.base = base
+        self.removed = removed  # rows = (base's rows, or every row) minus these; None: not known to be few
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + (self.removed.nbytes if self.removed is not None else 0)
 
 
 class Snapshot:
@@ -89,7 +100,7 @@ class Snapshot:
         self._lock = threading.Lock()
         self._ids: dict[str, int] | None = None
         self._data: pa.Table | None = None
-        self._selections: OrderedDict[str, Selection] = OrderedDict()
+        self._selections: OrderedDict[Any, Selection] = OrderedDict()
         self._selected_bytes = 0
 
     def __len__(self) -> int:
@@ -185,21 +196,41 @@ class Snapshot:
             if hit is not None:
                 self._selections.move_to_end(predicate)
                 return hit
-        rows = None
+        selection = None
         if self._cache is not None:
             try:
-                rows = self._cache.select(conjuncts(parse(predicate)))
+                terms = conjuncts(parse(predicate))
+                rows, removed = self._cache.select(terms, REMOVED_FEW)
             except Unsupported:
-                rows = None
-        selection = Selection(predicate, rows, "memory") if rows is not None else \
-            Selection(predicate, self.scan(predicate), "scan")
+                pass
+            else:
+                base = None
+                if removed is not None and len(removed) > REMOVED_SHARE * (len(rows) + len(removed)):
+                    removed = None  # not a few: searched as a filter of its own
+                if len(terms) > 1 and removed is not None:
+                    base = self._keep(("terms", terms[0]), lambda: Selection(
+                        str(terms[0]), self._cache.select(terms[:1])[0], "memory"))
+                selection = Selection(predicate, rows, "memory", base, removed)
+        if selection is None:
+            selection = Selection(predicate, self.scan(predicate), "scan")
+        return self._keep(predicate, lambda: selection)
+
+    def _keep(self, key: Any, make: Any) -> Selection:
+        """The selection kept under ``key``, or ``make()``'s, kept now (least recently used dropped
+        past :data:`SELECTIONS_BYTES`)."""
         with self._lock:
-            old = self._selections.pop(predicate, None)
-            self._selected_bytes += selection.rows.nbytes - (old.rows.nbytes if old is not None else 0)
-            self._selections[predicate] = selection
+            hit = self._selections.get(key)
+            if hit is not None:
+                self._selections.move_to_end(key)
+                return hit
+        selection = make()
+        with self._lock:
+            old = self._selections.pop(key, None)
+            self._selected_bytes += selection.nbytes - (old.nbytes if old is not None else 0)
+            self._selections[key] = selection
             while self._selected_bytes > SELECTIONS_BYTES and len(self._selections) > 1:
                 _, dropped = self._selections.popitem(last=False)
-                self._selected_bytes -= dropped.rows.nbytes
+                self._selected_bytes -= dropped.nbytes
         return selection
 
     def scan(self, predicate: str) -> np.ndarray:
