@@ -299,7 +299,9 @@ class Block(Protocol):
         """The column ``name`` prepared for filtering, None when there is no such column."""
 
 
-Masks = tuple[np.ndarray, np.ndarray]  # (true, false); neither: unknown
+# (true, false) row masks; neither: unknown. The false mask is computed only when asked for (NOT
+# needs it; a term of a top-level AND does not), so it comes as a function.
+Masks = tuple[np.ndarray, Callable[[], np.ndarray]]
 
 
 _CMP: dict[str, Callable[[Any, Any], Any]] = {"=": np.equal, "<>": np.not_equal, "<": np.less, "<=": np.less_equal,
@@ -362,24 +364,31 @@ class FilterColumn:
     # --- helpers
     def _masks(self, true: np.ndarray) -> Masks:
         """(true, false) from a comparison that holds for ``true`` among the valid rows."""
-        if self.valid is None:
-            return true, ~true
-        return true & self.valid, ~true & self.valid
+        valid = self.valid
+        if valid is None:
+            return true, lambda: ~true
+        return true & valid, lambda: ~true & valid
 
     def _dict_masks(self, true_d: np.ndarray) -> Masks:
         """(true, false) of rows from a boolean per dictionary entry (nulls: neither)."""
-        codes = self.codes
+        codes, valid = self.codes, self.valid
         hits = np.flatnonzero(true_d)
+        misses = len(true_d) - len(hits)
         if len(hits) == 0:
             true = np.zeros(self.n, bool)
-        elif len(hits) == 1:
+        elif len(hits) == 1:  # one value (=): one comparison of the codes
             true = codes == hits[0]
+        elif misses == 0:
+            true = np.ones(self.n, bool) if valid is None else valid.copy()
+        elif misses == 1:  # all but one value (<>)
+            true = codes != np.flatnonzero(~true_d)[0]
+            if valid is not None:
+                true &= valid
         else:
             table = np.zeros(len(true_d) + 1, bool)
             table[:-1] = true_d
             true = table[codes]
-        false = ~true if self.valid is None else ~true & self.valid
-        return true, false
+        return true, (lambda: ~true) if valid is None else (lambda: ~true & valid)
 
     def _string_masks(self, result: pa.Array) -> Masks:
         """(true, false) from a boolean Arrow array over the strings (null: unknown)."""
@@ -447,12 +456,16 @@ class FilterColumn:
         if self.valid is not None:
             true &= self.valid
         # x IN (a, NULL): true where x is a, unknown elsewhere; NOT IN swaps true and false
-        false = np.zeros(self.n, bool) if has_null else (~true if self.valid is None else ~true & self.valid)
-        return (false, true) if negated else (true, false)
+        valid = self.valid
+        if has_null:
+            false: Callable[[], np.ndarray] = lambda: np.zeros(self.n, bool)  # noqa: E731
+        else:
+            false = (lambda: ~true) if valid is None else (lambda: ~true & valid)
+        return (false(), lambda: true) if negated else (true, false)
 
     def isnull(self, negated: bool) -> Masks:
         null = np.zeros(self.n, bool) if self.valid is None else ~self.valid
-        return (~null, null) if negated else (null, ~null)
+        return (~null, lambda: null) if negated else (null, lambda: ~null)
 
     def like(self, pattern: str, negated: bool, ignore_case: bool) -> Masks:
         if self.kind != "string":
@@ -462,30 +475,30 @@ class FilterColumn:
             true, false = self._dict_masks(np.asarray(member.to_numpy(zero_copy_only=False), bool))
         else:
             true, false = self._string_masks(pc.match_like(self.strings, pattern, ignore_case=ignore_case))
-        return (false, true) if negated else (true, false)
+        return (false(), lambda: true) if negated else (true, false)
 
 
 def evaluate(node: Node, block: Block) -> Masks:
-    """(true, false) masks of ``node`` over the rows of ``block`` (:class:`Unsupported` when a
-    column is missing or of a type filters do not read here)."""
-    if isinstance(node, And):
-        true, false = evaluate(node.parts[0], block)
-        for part in node.parts[1:]:
-            t, f = evaluate(part, block)
-            true, false = true & t, false | f
-        return true, false
-    if isinstance(node, Or):
-        true, false = evaluate(node.parts[0], block)
-        for part in node.parts[1:]:
-            t, f = evaluate(part, block)
-            true, false = true | t, false & f
+    """(true mask, function giving the false mask) of ``node`` over the rows of ``block``
+    (:class:`Unsupported` when a column is missing or of a type filters do not read here)."""
+    if isinstance(node, (And, Or)):
+        parts = [evaluate(part, block) for part in node.parts]
+        true = parts[0][0]
+        for t, _ in parts[1:]:
+            true = (true & t) if isinstance(node, And) else (true | t)
+
+        def false() -> np.ndarray:
+            out = parts[0][1]()
+            for _, f in parts[1:]:
+                out = (out | f()) if isinstance(node, And) else (out & f())
+            return out
         return true, false
     if isinstance(node, Not):
         true, false = evaluate(node.part, block)
-        return false, true
+        return false(), lambda: true
     if isinstance(node, Const):
         ones = np.ones(block.num_rows, bool)
-        return (ones, ~ones) if node.value else (~ones, ones)
+        return (ones, lambda: ~ones) if node.value else (~ones, lambda: ones)
     column = block.filter_column(node.column.name) if node.column.quoted else \
         _unquoted(block, node.column.name)
     if column is None:
