@@ -306,6 +306,7 @@ Masks = tuple[np.ndarray, Callable[[], np.ndarray]]
 
 _CMP: dict[str, Callable[[Any, Any], Any]] = {"=": np.equal, "<>": np.not_equal, "<": np.less, "<=": np.less_equal,
                                               ">": np.greater, ">=": np.greater_equal}
+LOOKUP_ABOVE = 256  # dictionaries longer than this are searched for = and IN through a lookup, not compared
 _PC_CMP = {"=": pc.equal, "<>": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater,
            ">=": pc.greater_equal}
 
@@ -329,6 +330,7 @@ class FilterColumn:
         self.strings: pa.Array | None = None
         self.values: np.ndarray | None = None
         self.nan: np.ndarray | None = None  # float columns holding NaN: where
+        self._codes_of: dict[str, int] | None = None
         if pa.types.is_dictionary(kind) and (pa.types.is_string(kind.value_type) or
                                              pa.types.is_large_string(kind.value_type)):
             self.kind = "string"
@@ -362,6 +364,12 @@ class FilterColumn:
             raise Unsupported(f"columns of type {kind} are read by the Lance scan")
 
     # --- helpers
+    def _code_of(self, value: str) -> int | None:
+        """The dictionary code of ``value`` (None: not in the dictionary); the lookup is made once."""
+        if self._codes_of is None:
+            self._codes_of = {v: i for i, v in enumerate(self.dictionary.to_pylist())}
+        return self._codes_of.get(value)
+
     def _masks(self, true: np.ndarray) -> Masks:
         """(true, false) from a comparison that holds for ``true`` among the valid rows."""
         valid = self.valid
@@ -414,6 +422,12 @@ class FilterColumn:
         if self.kind == "string":
             if not isinstance(literal.value, str):
                 raise Unsupported("a string column compared with a non-string")
+            if self.codes is not None and op in ("=", "<>") and len(self.dictionary) > LOOKUP_ABOVE:
+                true_d = np.zeros(len(self.dictionary), bool)  # (many values: look the one up)
+                code = self._code_of(literal.value)
+                if code is not None:
+                    true_d[code] = True
+                return self._dict_masks(true_d if op == "=" else ~true_d)
             if self.codes is not None:
                 return self._dict_masks(np.asarray(_PC_CMP[op](self.dictionary, literal.value)
                                                    .to_numpy(zero_copy_only=False), bool))
@@ -435,7 +449,11 @@ class FilterColumn:
             if not all(isinstance(v.value, str) for v in present):
                 raise Unsupported("a string column compared with a non-string")
             values = pa.array([v.value for v in present], pa.string())
-            if self.codes is not None:
+            if self.codes is not None and len(self.dictionary) > LOOKUP_ABOVE:
+                member = np.zeros(len(self.dictionary), bool)
+                member[[c for c in map(self._code_of, (v.value for v in present)) if c is not None]] = True
+                true, _ = self._dict_masks(member)
+            elif self.codes is not None:
                 member = np.asarray(pc.is_in(self.dictionary, value_set=values).to_numpy(zero_copy_only=False), bool)
                 true, _ = self._dict_masks(member)
             elif len(present) <= 8:

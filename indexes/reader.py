@@ -43,6 +43,7 @@ STAMP_RECHECK_S = 1.0  # a view whose index holds its snapshot exactly looks for
 # per view: what is derived from filters' rows (selectors, subset indexes, vectors), kept
 FILTER_MEMO_BYTES = int(os.environ.get("CASELENS_FILTER_MEMO_BYTES", str(256 << 20)))
 SUBSET_AT_ONCE = 20_000  # filters selecting up to this many indexed rows get an index of their own at once
+FILTER_CANDIDATES = 100  # allowed rows an IVF search through a filter's bitmap sees, per hit asked
 
 
 class _Memo:
@@ -124,9 +125,9 @@ class ReadView:
     # ------------------------------------------------------------ filtered
     def _rank_filtered(self, query: np.ndarray, k: int, allowed: np.ndarray | Selection) -> list[tuple[float, int]]:
         """Top-``k`` among the allowed rows: the index's share through the index, the rows since
-        it exactly. How the index ranks a filter's rows (:meth:`_plan`) is kept for the next
+        it exactly. How the index ranks a filter's rows (:class:`_Plan`) is kept for the next
         search with that filter; a filter that is another one less a few rows (a per-query
-        exclusion) is ranked through the other one's, those rows left out by an ID selector."""
+        exclusion) is ranked through the other one's plan, those rows left out by an ID selector."""
         selection = allowed if isinstance(allowed, Selection) else None
         rows = allowed.rows if selection is not None else np.asarray(allowed, np.int64)
         found: list[tuple[float, int]] = []
@@ -139,76 +140,108 @@ class ReadView:
                 found += [(s, r) for s, r in zip(scores[0].tolist(), ids[0].tolist()) if r >= 0]
             else:
                 target = selection.base if removed is not None else selection
-                plan = self._plan_of(target) if target is not None else self._plan(rows, True)[0]
-                found += self._run(plan, query, k, removed)
+                plan = self._plan_of(target) if target is not None else self._plan(rows, True)
+                found += plan.run(self, query, k, removed)
         if len(self.delta_rows):
             keep = np.isin(self.delta_rows, rows, assume_unique=True)
             found += _top(self.delta_vectors[keep] @ query[0], self.delta_rows[keep], k)
         found.sort(key=lambda sr: -sr[0])  # stable: ties keep index order
         return found[:k]
 
-    def _plan_of(self, selection: Selection) -> tuple:
-        """The plan kept for ``selection``: made at its first search, and made again at its second
-        when an index of its own rows was not worth building for one search."""
+    def _plan_of(self, selection: Selection) -> "_Plan":
+        """The plan kept for ``selection``: made at its first search, made again at a later one when
+        an index of its own rows was not worth building for one search but fits."""
         key = (selection, "plan")
-        plan = self.memo.get(key, lambda: self._plan(selection.rows, True))
-        if plan[0] == "bitmap" and plan[-1]:  # (searched once; an index of its own would pay off now)
-            plan, size = self._plan(selection.rows, False)
-            self.memo.put(key, plan, size)
+        made: list[bool] = []
+        plan = self.memo.get(key, lambda: made.append(True) or self._plan(selection.rows, True).kept())
+        if plan.upgrade and not made:
+            plan = self._plan(selection.rows, False)
+            self.memo.put(key, plan, plan.nbytes)
         return plan
 
-    def _plan(self, rows: np.ndarray, first: bool) -> tuple[tuple, int]:
-        """How the index ranks the allowed ``rows`` it holds, and the bytes that takes to keep:
-        ("exact", rows, vectors) -- a small set in an HNSW graph (which a sparse filter cannot be
-        walked through), ranked from the vectors the index keeps; ("subset", index, count,
-        selectivity) -- an IVF index of these rows' codes (:mod:`caselens.indexes.subset_index`),
-        built at once for small sets and at the second search for larger ones; ("bitmap",
-        selector, bits, count, upgrade) -- the index itself through a bitmap ID selector."""
+    def _plan(self, rows: np.ndarray, first: bool) -> "_Plan":
+        """How the index ranks the allowed ``rows`` it holds (see :class:`_Plan`)."""
         index = self.index
         indexed = rows if not len(self.delta_rows) else np.setdiff1d(rows, self.delta_rows, assume_unique=True)
         if self.excluded:  # (tombstones are deleted rows: never allowed; left out to be sure)
             indexed = np.setdiff1d(indexed, np.asarray(self.excluded, np.int64), assume_unique=True)
         if not len(indexed):
-            return ("none",), 0
+            return _Plan("none")
         if len(indexed) <= EXACT_BELOW and faiss_index.hnsw_of(index) is not None:
             vectors = faiss_index.stored_vectors(index, indexed)
             if vectors is None:  # a graph over compressed vectors: read them from the table
                 indexed, vectors = self.snapshot.vectors(indexed)
-            return ("exact", indexed, vectors), indexed.nbytes + vectors.nbytes
-        fits = subset_index.supports(index) and \
-            subset_index.subset_bytes(index, len(indexed)) <= self.memo.budget // 4
+            return _Plan("exact", rows=indexed, vectors=vectors, nbytes=indexed.nbytes + vectors.nbytes)
+        ivf = subset_index.supports(index)
+        size = subset_index.subset_bytes(index, len(indexed)) if ivf else 0
+        fits = ivf and size <= self.memo.budget // 4
         if fits and (not first or len(indexed) <= SUBSET_AT_ONCE):
             sub = subset_index.subset_index(index, indexed)
-            return ("subset", sub, len(indexed), len(indexed) / index.ntotal), \
-                subset_index.subset_bytes(index, len(indexed))
+            counts = subset_index.list_sizes(sub)
+            return _Plan("subset", index=sub, count=len(indexed), counts=counts, nbytes=size + counts.nbytes)
         selector, bits = faiss_index.bitmap_selector(indexed)
-        return ("bitmap", selector, bits, len(indexed), fits), bits.nbytes + indexed.nbytes
+        counts = subset_index.list_counts(index, indexed) if ivf else None
+        return _Plan("bitmap", selector=selector, bits=bits, count=len(indexed), counts=counts, upgrade=fits,
+                     nbytes=bits.nbytes + (counts.nbytes if counts is not None else 0))
 
-    def _run(self, plan: tuple, query: np.ndarray, k: int, removed: np.ndarray | None) -> list[tuple[float, int]]:
-        """Top-``k`` of ``plan``'s rows, less the ``removed`` ones."""
-        kind = plan[0]
-        if kind == "none":
+
+@dataclass
+class _Plan:
+    """How a view's index ranks the rows of one filter.
+
+    - ``exact``: a set of up to :data:`EXACT_BELOW` rows in an HNSW graph (which a sparse filter
+      cannot be walked through), ranked from the vectors the graph keeps (``rows``, ``vectors``);
+    - ``subset``: an IVF index of these rows' codes (:mod:`caselens.indexes.subset_index`; the
+      same scores), which visits only them. Built at once for up to :data:`SUBSET_AT_ONCE`
+      rows, at the filter's next search for more (``upgrade``), when it fits the memo's budget;
+    - ``bitmap``: the view's index through a bitmap ID selector.
+
+    With IVF, the rows each list holds (``counts``) decide ``nprobe`` per query: the nearest
+    lists, at least as many as unfiltered, until they hold :data:`FILTER_CANDIDATES` allowed
+    rows per hit asked -- a filter independent of the vectors costs what an unfiltered search
+    costs, one that avoids the query's neighbourhood (``modality = 'CT'`` for a radiograph)
+    probes on until its rows are reached. Other index types widen ``nprobe``/``efSearch`` by
+    the selectivity.
+    """
+
+    kind: str
+    rows: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+    index: Any = None
+    selector: Any = None
+    bits: np.ndarray | None = None  # (the selector's bitmap: alive as long as the plan)
+    count: int = 0
+    counts: np.ndarray | None = None
+    upgrade: bool = False
+    nbytes: int = 0
+
+    def kept(self) -> tuple["_Plan", int]:
+        return self, self.nbytes
+
+    def run(self, view: ReadView, query: np.ndarray, k: int, removed: np.ndarray | None) -> list[tuple[float, int]]:
+        """Top-``k`` of this plan's rows, less the ``removed`` ones."""
+        if self.kind == "none":
             return []
-        if kind == "exact":
-            indexed, vectors = plan[1], plan[2]
+        if self.kind == "exact":
+            rows, vectors = self.rows, self.vectors
             if removed is not None:
-                keep = ~np.isin(indexed, removed)
-                indexed, vectors = indexed[keep], vectors[keep]
-            return _top(vectors @ query[0], indexed, k)
+                keep = ~np.isin(rows, removed)
+                rows, vectors = rows[keep], vectors[keep]
+            return _top(vectors @ query[0], rows, k)
         leave_out = None
         if removed is not None and len(removed):
             batch = faiss.IDSelectorBatch(np.ascontiguousarray(removed, np.int64))
             leave_out = (batch, faiss.IDSelectorNot(batch))  # (the batch lives as long as the selector)
-        if kind == "subset":
-            sub, count, selectivity = plan[1], plan[2], plan[3]
+        params, wanted = view.stamp.params, min(self.count, FILTER_CANDIDATES * k)
+        if self.kind == "subset":
             selector = leave_out[1] if leave_out is not None else None
-            scores, ids = faiss_index.search_index(sub, query, k, params=self.stamp.params, selectivity=selectivity,
-                                                   selector=(selector, count))
+            scores, ids = subset_index.search_covering(self.index, query, k, selector, self.counts, wanted, params)
         else:
-            selector, count = plan[1], plan[3]  # (plan[2]: the bitmap, alive with the plan)
-            both = faiss.IDSelectorAnd(selector, leave_out[1]) if leave_out is not None else selector
-            scores, ids = faiss_index.search_index(self.index, query, k, params=self.stamp.params,
-                                                   selector=(both, count))
+            both = faiss.IDSelectorAnd(self.selector, leave_out[1]) if leave_out is not None else self.selector
+            if self.counts is not None:
+                scores, ids = subset_index.search_covering(view.index, query, k, both, self.counts, wanted, params)
+            else:
+                scores, ids = faiss_index.search_index(view.index, query, k, params=params, selector=(both, self.count))
         return [(s, r) for s, r in zip(scores[0].tolist(), ids[0].tolist()) if r >= 0]
 
 

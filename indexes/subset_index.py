@@ -4,9 +4,13 @@ Searching an IVF index through a filter's ID selector visits every list the wide
 reaches and checks each id in them against the filter: at 1M rows and a 1 % filter, a million
 id checks for ten thousand scores. A filter used again is better served by an index of its own
 rows: :func:`subset_index` copies their codes, as the big index stores them (no re-encoding:
-the scores are the same), into an IVF index of the same kind over the same coarse quantizer.
-Searching it with ``nprobe`` widened by the selectivity visits about as many codes as an
-unfiltered search, and nothing else.
+the scores are the same), into an IVF index of the same kind over the same coarse quantizer,
+which visits only the filter's codes.
+
+How many lists to probe for a filter (:func:`search_covering`): the lists nearest the query, at
+least as many as unfiltered, until they hold enough of the filter's rows. A filter independent
+of the vectors then costs what an unfiltered search costs; one whose rows lie away from the
+query (another modality, another label) probes on until they are reached.
 
 Supported: ``IndexIVFFlat`` and ``IndexIVFScalarQuantizer`` (not wrapped in a transform), with
 inverted lists in memory or memory-mapped; :func:`supports` says so for an index. The codes'
@@ -114,6 +118,42 @@ def subset_index(index: faiss.Index, ids: np.ndarray) -> faiss.Index:
     if len(ids):
         sub.add_sa_codes(listed.sa_codes(ids), ids)
     return sub
+
+
+def list_counts(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """How many of ``ids`` (held by ``index``) each inverted list of it holds."""
+    listed = list_codes(index)
+    return np.bincount(listed.list_of[np.asarray(ids, np.int64)], minlength=listed.ivf.nlist)
+
+
+def search_covering(index: faiss.Index, query: np.ndarray, k: int, selector: faiss.IDSelector | None,
+                    counts: np.ndarray, wanted: int, params: dict[str, int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of one ``query`` in an IVF ``index`` among the ids ``selector`` lets through (all:
+    None), ``counts`` of them in each list: the lists nearest the query are probed -- at least the
+    ``nprobe`` of ``params`` -- until they hold ``wanted`` of those ids (or every list is)."""
+    ivf = faiss.downcast_index(index)
+    base = int((params or {}).get("nprobe", ivf.nprobe))
+    query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+    distances, lists = ivf.quantizer.search(query, ivf.nlist)
+    covered = np.cumsum(counts[np.maximum(lists[0], 0)])
+    nprobe = min(ivf.nlist, max(base, int(np.searchsorted(covered, wanted)) + 1))
+    lists = np.ascontiguousarray(lists[:, :nprobe])
+    distances = np.ascontiguousarray(distances[:, :nprobe])
+    p = faiss.SearchParametersIVF(nprobe=nprobe)
+    if selector is not None:
+        p.sel = selector
+    scores = np.empty((1, k), np.float32)
+    ids = np.empty((1, k), np.int64)
+    ivf.search_preassigned_c(1, faiss.swig_ptr(query), k, faiss.swig_ptr(lists), faiss.swig_ptr(distances),
+                             faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, p)
+    return scores, ids
+
+
+def list_sizes(index: faiss.Index) -> np.ndarray:
+    """How many ids each inverted list of an IVF ``index`` holds."""
+    ivf = faiss.downcast_index(index)
+    return np.asarray([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
 
 
 def subset_bytes(index: faiss.Index, n: int) -> int:

@@ -72,8 +72,13 @@ def _scan(dataset: lance.LanceDataset, predicate: str) -> list[int]:
     return sorted(dataset.to_table(columns=["_row"], filter=lance_filter(predicate)).column("_row").to_pylist())
 
 
-@pytest.mark.parametrize("encoded", [True, False])
-def test_the_evaluator_selects_what_the_lance_scan_selects(dataset: lance.LanceDataset, encoded: bool) -> None:
+@pytest.mark.parametrize("encoded, lookup", [(True, False), (True, True), (False, False)])
+def test_the_evaluator_selects_what_the_lance_scan_selects(dataset: lance.LanceDataset, encoded: bool, lookup: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from caselens.indexes import filters
+
+    if lookup:  # dictionary values found by lookup, not compared (as for long dictionaries)
+        monkeypatch.setattr(filters, "LOOKUP_ABOVE", 0)
     table = dataset.to_table()
     if not encoded:  # a handful of rows: strings stay plain (nothing is dictionary-encoded)
         table = table.slice(0, len(STRINGS))
@@ -218,3 +223,31 @@ def test_an_index_of_a_filters_rows_scores_them_as_the_index_does() -> None:
         assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0])
     hnsw, _ = faiss_index.build_index(vecs, np.arange(3000), "HNSW16")
     assert not subset_index.supports(hnsw) and not subset_index.supports(faiss.IndexFlatIP(32))
+
+
+def test_a_filter_far_from_the_query_is_searched_until_its_rows_are_reached(home: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a bitmap (the filter searched once, no index of its own), IVF probes the lists
+    nearest the query until they hold enough allowed rows: a filter whose rows all lie away
+    from the query (another modality) still gets its true nearest rows."""
+    from caselens.indexes import reader
+    from caselens.indexes.index_choice import ChoiceConfig
+
+    monkeypatch.setattr(reader, "SUBSET_AT_ONCE", 0)
+    rng = np.random.default_rng(11)
+    dim, n = 16, 800
+    centers = np.eye(dim, dtype=np.float32)[[0, 1]]
+    side = rng.integers(0, 2, n)
+    vecs = centers[side] + rng.normal(scale=0.35, size=(n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    record = {"spec": "test:vectors", "dim": dim, "modalities": ["image"], "fingerprint": "f" * 16, "options": {}}
+    coll = Collection.create("far", record, home)
+    coll.add([{"id": f"v{i}", "kind": "image", "source": "s", "metadata": {"modality": "CT" if side[i] else "DX"}}
+              for i in range(n)], vecs)
+    derived.refresh(coll, config=ChoiceConfig(factories=("IVF16,Flat",), exact_below=0, target_recall=0.0,
+                                              n_queries=50))
+    ct = np.flatnonzero(side == 1)
+    for q in vecs[side == 0][:5]:
+        want = [f"v{ct[j]}" for j in np.argsort(-(vecs[ct] @ q), kind="stable")[:5]]
+        got = search_vector(coll, q, k=5, where="modality = 'CT'")
+        assert [h.id for h in got.hits] == want
