@@ -330,7 +330,7 @@ class FilterColumn:
         self.strings: pa.Array | None = None
         self.values: np.ndarray | None = None
         self.nan: np.ndarray | None = None  # float columns holding NaN: where
-        self._codes_of: dict[str, int] | None = None
+        self._codes_of: list[dict[str, int] | None] = [None]
         if pa.types.is_dictionary(kind) and (pa.types.is_string(kind.value_type) or
                                              pa.types.is_large_string(kind.value_type)):
             self.kind = "string"
@@ -363,12 +363,24 @@ class FilterColumn:
         else:
             raise Unsupported(f"columns of type {kind} are read by the Lance scan")
 
+    def subset(self, positions: np.ndarray) -> "FilterColumn":
+        """This column at ``positions`` only (for evaluating a filter over a few rows)."""
+        part = object.__new__(FilterColumn)
+        part.__dict__.update(self.__dict__)
+        part.n = len(positions)
+        take = (lambda a: None if a is None else a[positions])
+        part.valid, part.codes, part.values, part.nan = take(self.valid), take(self.codes), take(self.values), \
+            take(self.nan)
+        if self.strings is not None:
+            part.strings = self.strings.take(pa.array(positions))
+        return part
+
     # --- helpers
     def _code_of(self, value: str) -> int | None:
         """The dictionary code of ``value`` (None: not in the dictionary); the lookup is made once."""
-        if self._codes_of is None:
-            self._codes_of = {v: i for i, v in enumerate(self.dictionary.to_pylist())}
-        return self._codes_of.get(value)
+        if self._codes_of[0] is None:  # (a list: shared with subsets of this column)
+            self._codes_of[0] = {v: i for i, v in enumerate(self.dictionary.to_pylist())}
+        return self._codes_of[0].get(value)
 
     def _masks(self, true: np.ndarray) -> Masks:
         """(true, false) from a comparison that holds for ``true`` among the valid rows."""

@@ -43,7 +43,7 @@ STAMP_RECHECK_S = 1.0  # a view whose index holds its snapshot exactly looks for
 # per view: what is derived from filters' rows (selectors, subset indexes, vectors), kept
 FILTER_MEMO_BYTES = int(os.environ.get("CASELENS_FILTER_MEMO_BYTES", str(256 << 20)))
 SUBSET_AT_ONCE = 20_000  # filters selecting up to this many indexed rows get an index of their own at once
-FILTER_CANDIDATES = 100  # allowed rows an IVF search through a filter's bitmap sees, per hit asked
+FILTER_CANDIDATES = 300  # allowed rows an IVF search through a filter's bitmap sees, per hit asked
 
 
 class _Memo:
@@ -211,7 +211,7 @@ class _Plan:
     selector: Any = None
     bits: np.ndarray | None = None  # (the selector's bitmap: alive as long as the plan)
     count: int = 0
-    counts: np.ndarray | None = None
+    counts: np.ndarray | None = None  # (IVF) the plan's rows in each list
     upgrade: bool = False
     nbytes: int = 0
 

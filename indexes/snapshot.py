@@ -199,21 +199,29 @@ class Snapshot:
         selection = None
         if self._cache is not None:
             try:
-                terms = conjuncts(parse(predicate))
-                rows, removed = self._cache.select(terms, REMOVED_FEW)
+                selection = self._evaluate(predicate, conjuncts(parse(predicate)))
             except Unsupported:
                 pass
-            else:
-                base = None
-                if removed is not None and len(removed) > REMOVED_SHARE * (len(rows) + len(removed)):
-                    removed = None  # not a few: searched as a filter of its own
-                if len(terms) > 1 and removed is not None:
-                    base = self._keep(("terms", terms[0]), lambda: Selection(
-                        str(terms[0]), self._cache.select(terms[:1])[0], "memory"))
-                selection = Selection(predicate, rows, "memory", base, removed)
         if selection is None:
             selection = Selection(predicate, self.scan(predicate), "scan")
         return self._keep(predicate, lambda: selection)
+
+    def _evaluate(self, predicate: str, terms: tuple) -> Selection:
+        """``predicate``'s selection from the in-memory columns: when it is its first ``AND`` term
+        (or no filter) less a few rows, as that, less them (so that readers rank it through what
+        they keep for that term)."""
+        cache = self._cache
+        if len(terms) > 1:
+            base = self._keep(("terms", terms[0]), lambda: Selection(str(terms[0]), cache.select(terms[:1]), "memory"))
+            removed = cache.removed(base.rows, terms[1:], min(REMOVED_FEW, int(REMOVED_SHARE * len(base)) + 1))
+            if removed is not None:
+                rows = np.delete(base.rows, np.searchsorted(base.rows, removed))
+                return Selection(predicate, rows, "memory", base, removed)
+            return Selection(predicate, cache.select(terms), "memory")
+        rows = cache.select(terms)
+        few = min(REMOVED_FEW, int(REMOVED_SHARE * len(self)) + 1)
+        removed = cache.removed(None, terms, few) if len(self) - len(rows) < few else None
+        return Selection(predicate, rows, "memory", None, removed)
 
     def _keep(self, key: Any, make: Any) -> Selection:
         """The selection kept under ``key``, or ``make()``'s, kept now (least recently used dropped

@@ -135,9 +135,14 @@ def search_covering(index: faiss.Index, query: np.ndarray, k: int, selector: fai
     ivf = faiss.downcast_index(index)
     base = int((params or {}).get("nprobe", ivf.nprobe))
     query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
-    distances, lists = ivf.quantizer.search(query, ivf.nlist)
-    covered = np.cumsum(counts[np.maximum(lists[0], 0)])
-    nprobe = min(ivf.nlist, max(base, int(np.searchsorted(covered, wanted)) + 1))
+    near = min(ivf.nlist, max(4 * base, 256))  # usually enough lists; all of them when not
+    while True:
+        distances, lists = ivf.quantizer.search(query, near)  # (FAISS: numpy's threaded BLAS stalls under load)
+        covered = np.cumsum(counts[np.maximum(lists[0], 0)])
+        if covered[-1] >= wanted or near == ivf.nlist:
+            break
+        near = ivf.nlist
+    nprobe = min(near, max(base, int(np.searchsorted(covered, wanted)) + 1))
     lists = np.ascontiguousarray(lists[:, :nprobe])
     distances = np.ascontiguousarray(distances[:, :nprobe])
     p = faiss.SearchParametersIVF(nprobe=nprobe)

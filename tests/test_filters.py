@@ -87,7 +87,7 @@ def test_the_evaluator_selects_what_the_lance_scan_selects(dataset: lance.LanceD
     rows = set(table.column("_row").to_pylist())
     for predicate in CORPUS:
         want = [r for r in _scan(dataset, predicate) if r in rows]
-        got = cache.select(conjuncts(parse(predicate)))[0].tolist()
+        got = cache.select(conjuncts(parse(predicate))).tolist()
         assert got == want, predicate
 
 
