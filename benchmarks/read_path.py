@@ -11,7 +11,10 @@ recall@10 0.95):
 
 - ``overhead``: one query at a time, raw FAISS (``index.search`` on the very index object caselens
   serves, same k and parameters) and ``search_vector`` (version probe, view, ranking, hits joined)
-  interleaved, the order rotating; where a caselens query's time goes (view, rank, join).
+  on the same query back to back, which goes first alternating: the ratio of the medians, and
+  the median of the per-query differences, and caselens' own time (a search's time less the FAISS
+  call inside it: the steadiest on a loaded machine, as load that slows FAISS does not enter
+  it), over raw FAISS's median; where a caselens query's time goes (view, rank, join).
 - ``filtered``: ``search_vector(where="bucket < t")`` at 0.1/1/10/50 % selectivity, each query
   right after the same query unfiltered (the ratio is of the same run): p50/p99, the first query
   with a new filter, recall@10 against the exact filtered top 10, how many top-10 lists are the
@@ -159,24 +162,38 @@ def overhead_suite(coll: Any, queries: np.ndarray, gold: np.ndarray, n_single: i
     for q in queries[:20]:  # warm both
         index.search(q[None], K, params=raw_params)
         search_vector(coll, q, K)
-    t_raw, t_cl, found = [], [0.0] * n_single, [None] * n_single
-    shift = max(1, n_single // 2)
+    t_raw, t_cl, found = [], [], []
+    for i in range(n_single):  # each query both ways, back to back, the way that goes first alternating
+        q = queries[i]
+        for way in (("raw", "cl") if i % 2 else ("cl", "raw")):
+            if way == "raw":
+                t = time.perf_counter()
+                index.search(q[None], K, params=raw_params)
+                t_raw.append((time.perf_counter() - t) * 1000)
+            else:
+                t = time.perf_counter()
+                found.append(search_vector(coll, q, K))
+                t_cl.append((time.perf_counter() - t) * 1000)
+    # caselens' own time: a search's time less the FAISS call inside it (the same call, so load
+    # that slows FAISS does not enter the difference)
+    cls, inner, own = type(index), [], []
+    search = cls.search
 
-    def raw(i: int) -> None:
-        q = queries[i][None]
+    def timed_search(self: Any, *a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
-        index.search(q, K, params=raw_params)
-        t_raw.append((time.perf_counter() - t) * 1000)
-
-    def cl(i: int) -> None:
-        j = (i + shift) % n_single
-        t = time.perf_counter()
-        found[j] = search_vector(coll, queries[j], K)
-        t_cl[j] = (time.perf_counter() - t) * 1000
-
-    for i in range(n_single):  # the two ways take turns going first
-        for way in ((raw, cl) if i % 2 else (cl, raw)):
-            way(i)
+        try:
+            return search(self, *a, **kw)
+        finally:
+            inner.append(time.perf_counter() - t)
+    cls.search = timed_search
+    try:
+        for i in range(n_single):
+            inner.clear()
+            t = time.perf_counter()
+            search_vector(coll, queries[i], K)
+            own.append((time.perf_counter() - t - sum(inner)) * 1000)
+    finally:
+        cls.search = search
     steps: dict[str, list[float]] = {"view": [], "rank": [], "join": []}
     reader = reader_of(coll)
     for i in range(n_single):  # where a caselens query's time goes, each right after a raw search
@@ -190,8 +207,8 @@ def overhead_suite(coll: Any, queries: np.ndarray, gold: np.ndarray, n_single: i
         t3 = time.perf_counter()
         for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2)):
             steps[name].append(dt * 1000)
-    return {"raw_ms": t_raw, "caselens_ms": t_cl, "recall@10": recall([_ids(r) for r in found], gold[:n_single]),
-            "steps_ms": steps}
+    return {"raw_ms": t_raw, "caselens_ms": t_cl, "own_ms": own,
+            "recall@10": recall([_ids(r) for r in found], gold[:n_single]), "steps_ms": steps}
 
 
 def filtered_suite(coll: Any, queries: np.ndarray, golds: dict[str, np.ndarray], bucket: np.ndarray,
@@ -405,6 +422,10 @@ def _pooled(workers: list[dict[str, Any]]) -> dict[str, Any]:
         out["overhead"] = {
             "raw_faiss": percentiles(raw), "caselens": percentiles(cl),
             "overhead_p50_pct": round(100 * (np.median(cl) / np.median(raw) - 1), 1),
+            "overhead_ms_median_of_differences": round(float(np.median(np.asarray(cl) - np.asarray(raw))), 4),
+            "caselens_own_ms": percentiles(sum((w["overhead"]["own_ms"] for w in workers), []), 4),
+            "own_over_raw_p50_pct": round(100 * float(np.median(sum((w["overhead"]["own_ms"] for w in workers), [])))
+                                          / float(np.median(raw)), 1),
             "overhead_p99_pct": round(100 * (np.percentile(cl, 99) / np.percentile(raw, 99) - 1), 1),
             "recall@10": round(float(np.mean([w["overhead"]["recall@10"] for w in workers])), 4),
             "steps_p50_ms": {k: round(float(np.median(sum((w["overhead"]["steps_ms"][k] for w in workers), []))), 4)
