@@ -279,27 +279,23 @@ def write_suite(work: Path, dim: int, rounds: int = 3) -> dict[str, Any]:
                                    "snapshot_after_delete_ms": [], "search_after_delete_ms": [],
                                    "search_after_that_ms": []}
     meta = {"bucket": np.arange(1000), "modality": np.zeros(1000, int), "patient": np.arange(1000)}
+
+    def clock(name: str, fn: Any) -> None:
+        t = time.perf_counter()
+        fn()
+        out[name].append((time.perf_counter() - t) * 1000)
+
     for _ in range(rounds):
         vecs = rng.normal(size=(1000, dim)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         start = int(rng.integers(10**8, 10**9))
         coll.add(records(start, start + 1000, meta, prefix="w"), vecs)
-        t = time.perf_counter()
-        reader.snapshot()
-        out["snapshot_after_add_ms"].append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        search_vector(coll, q, K)
-        out["search_after_add_ms"].append((time.perf_counter() - t) * 1000)
+        clock("snapshot_after_add_ms", reader.snapshot)
+        clock("search_after_add_ms", lambda: search_vector(coll, q, K))
         coll.delete([f"w{start + i}" for i in range(100)])
-        t = time.perf_counter()
-        reader.snapshot()
-        out["snapshot_after_delete_ms"].append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        search_vector(coll, q, K)
-        out["search_after_delete_ms"].append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        search_vector(coll, q, K)
-        out["search_after_that_ms"].append((time.perf_counter() - t) * 1000)
+        clock("snapshot_after_delete_ms", reader.snapshot)
+        clock("search_after_delete_ms", lambda: search_vector(coll, q, K))
+        clock("search_after_that_ms", lambda: search_vector(coll, q, K))
     return out
 
 

@@ -47,8 +47,9 @@ FILTER_CANDIDATES = 300  # allowed rows an IVF search through a filter's bitmap 
 
 
 class _Memo:
-    """What a view derives from the rows of a filter (a FAISS ID selector, their vectors), kept for
-    the next search with the same filter; least recently used entries go past a byte budget."""
+    """What a view derives from the rows of a filter (:class:`_Plan`: an index of its rows, a FAISS
+    ID selector, their vectors), kept for the next search with the same filter; least recently
+    used entries go past a byte budget."""
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -107,7 +108,7 @@ class ReadView:
     def rank(self, query: np.ndarray, k: int, allowed: np.ndarray | Selection | None = None) -> list[tuple[float, int]]:
         """Top-``k`` (cosine, row) for one unit ``query`` among the snapshot's rows (only the
         ``allowed`` rows when given: sorted row numbers, or a :class:`Selection` of this
-        snapshot, whose FAISS selector or vectors are then kept for the next search with it)."""
+        snapshot, whose plan is then kept for the next search with it)."""
         query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
         if allowed is not None:
             return self._rank_filtered(query, k, allowed)
@@ -135,8 +136,10 @@ class ReadView:
         if index is not None and index.ntotal and len(rows):
             removed = selection.removed if selection is not None else None
             if removed is not None and selection.base is None:  # every row but a few
+                batch = faiss.IDSelectorBatch(np.ascontiguousarray(np.union1d(self.excluded, removed), np.int64))
+                but = faiss.IDSelectorNot(batch)  # (the batch lives as long as the selector)
                 scores, ids = faiss_index.search_index(index, query, k, params=self.stamp.params,
-                                                       deleted=[*self.excluded, *removed.tolist()])
+                                                       selector=(but, len(rows)), selectivity=1.0)
                 found += [(s, r) for s, r in zip(scores[0].tolist(), ids[0].tolist()) if r >= 0]
             else:
                 target = selection.base if removed is not None else selection

@@ -135,7 +135,8 @@ def search_covering(index: faiss.Index, query: np.ndarray, k: int, selector: fai
     ivf = faiss.downcast_index(index)
     base = int((params or {}).get("nprobe", ivf.nprobe))
     query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
-    near = min(ivf.nlist, max(4 * base, 256))  # usually enough lists; all of them when not
+    per_list = max(float(counts.sum()) / ivf.nlist, 1e-9)  # twice the lists an even spread needs; all if short
+    near = min(ivf.nlist, max(base, int(2 * wanted / per_list) + 1))
     while True:
         distances, lists = ivf.quantizer.search(query, near)  # (FAISS: numpy's threaded BLAS stalls under load)
         covered = np.cumsum(counts[np.maximum(lists[0], 0)])
