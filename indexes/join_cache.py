@@ -76,6 +76,7 @@ class Segment:
         # (position in a row's values, reader) of the columns with values; None: read through Arrow
         self.readers = None if None in readers else \
             [(i, readers[s]) for i, s in enumerate(self.slots, start=1) if s is not None]
+        self.lines = row_lines(self.data, self.slots) if self.readers is not None else None
         self._lock = threading.Lock()
         self._columns: dict[str, FilterColumn] = {}
         self._masks: OrderedDict[Node, np.ndarray] = OrderedDict()
@@ -203,6 +204,25 @@ class JoinCache:
         out: list[list | None] = []
         segments, starts = self.segments, self.starts
         single = len(segments) == 1
+        if len(want) < self.PYTHON_BELOW and all(s.lines is not None for s in segments):
+            blank = [None] * len(self.names)  # columns without a value in a segment stay None
+            for r in want:  # one line a row: one place in memory to read, not one per column
+                if not 0 <= r < n or (p := where[r]) < 0:
+                    out.append(None)
+                    continue
+                if single:
+                    offsets, text, off, fields, _ = segments[0].lines
+                else:
+                    s = bisect_right(starts, p) - 1
+                    (offsets, text, off, fields, _), p = segments[s].lines, p - starts[s]
+                values = blank.copy()
+                values[0] = r
+                p += off
+                for (i, kind), part in zip(fields, str(text[offsets[p]:offsets[p + 1]], "utf-8").split(LINE_SEP)):
+                    if part != LINE_NULL:
+                        values[i] = part if kind is str else kind(part)
+                out.append(values)
+            return out
         if len(want) < self.PYTHON_BELOW and all(s.readers is not None for s in segments):
             blank = [None] * len(self.names)  # columns without a value in a segment stay None
             for r in want:
@@ -356,6 +376,53 @@ def _where(segments: list[Segment], alive: list[np.ndarray | None] | None = None
             where[segment.rows[keep]] = positions[keep]
         start += segment.num_rows
     return where
+
+
+LINE_SEP, LINE_NULL = "\x1f", "\x00"  # between a line's values; a null
+
+
+def row_lines(batch: pa.RecordBatch | pa.Table, slots: Sequence[int | None]) -> tuple | None:
+    """Each row's values (the columns at ``slots``) as one line of text, made by Arrow at once:
+    values joined by :data:`LINE_SEP`, nulls as :data:`LINE_NULL`, numbers in their shortest exact
+    form. A search reads a few rows right after FAISS has evicted the CPU caches; a line is one
+    place in memory to read where the columns are one to three each (~3x faster for 10 rows of 8
+    columns). Returns (offsets, text, array offset, [(position in a row's values, str / float /
+    int)], the Arrow array), or None when a column is of another type or a string holds the
+    separator or is the null mark (the columns are read one by one then)."""
+    if not isinstance(batch, pa.RecordBatch):
+        return None
+    columns, fields = [], []
+    for i, slot in enumerate(slots, start=1):
+        if slot is None:
+            continue
+        column = batch.column(slot)
+        kind = column.type
+        if pa.types.is_dictionary(kind) and pa.types.is_string(kind.value_type):
+            strings = column.dictionary
+            column, parse = column.cast(kind.value_type), str
+        elif pa.types.is_string(kind):
+            strings, parse = column, str
+        elif pa.types.is_int64(kind) or pa.types.is_float64(kind):
+            strings, parse = None, int if pa.types.is_int64(kind) else float
+            column = pc.cast(column, pa.string())  # (Arrow writes the shortest text that reads back exactly)
+        else:
+            return None
+        if strings is not None and len(strings) and (pc.any(pc.match_substring(strings, LINE_SEP)).as_py()
+                                                     or pc.any(pc.equal(strings, LINE_NULL)).as_py()):
+            return None
+        columns.append(pc.fill_null(column, LINE_NULL))
+        fields.append((i, parse))
+    if not columns:
+        return None
+    try:
+        lines = pc.binary_join_element_wise(*columns, LINE_SEP)
+    except (pa.ArrowInvalid, pa.ArrowCapacityError):  # more than 2 GiB of text
+        return None
+    if not pa.types.is_string(lines.type) or lines.null_count:
+        return None
+    buffers = lines.buffers()
+    text = memoryview(buffers[2]).cast("B") if buffers[2] is not None else memoryview(b"")
+    return memoryview(buffers[1]).cast("B").cast("i"), text, lines.offset, fields, lines
 
 
 def buffer_reader(column: pa.Array) -> tuple | None:

@@ -89,3 +89,50 @@ def test_a_cache_that_is_mostly_deleted_rows_is_rebuilt(monkeypatch: pytest.Monk
     kept = cache.extend(_table(100, 110), now)
     assert kept.held == 110 and kept.live == 50
     _same(kept, later, 110)
+
+
+def test_rows_read_as_lines_equal_rows_read_column_by_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    import math
+
+    numbers = [0.0, -0.0, float("inf"), -float("inf"), 5e-324, 1.7976931348623157e308, 0.1, 1 / 3, None, float("nan")]
+    n = len(numbers)
+    table = pa.table({
+        "_row": pa.array(range(n), pa.int64()),
+        "id": pa.array([f"ü{i}" if i % 3 else "" for i in range(n)]),
+        "kind": pa.array(["image"] * n),
+        "score": pa.array(numbers, pa.float64()),
+        "count": pa.array([None if i == 4 else (-1) ** i * 2**62 + i for i in range(n)], pa.int64()),
+        "note": pa.array([None, "a\x00b", "𝄞", "\x1e", "x", None, "", "y", "z", "w"]),
+    })
+    lines = JoinCache.build(table)
+    assert lines.segments[0].lines is not None
+    asked = list(range(-1, n + 1))
+    by_lines = lines.values(asked)
+    monkeypatch.setattr(join_cache.Segment, "__init__", _without_lines(join_cache.Segment.__init__))
+    by_columns = JoinCache.build(table).values(asked)
+    monkeypatch.setattr(JoinCache, "PYTHON_BELOW", 0)
+    by_arrow = JoinCache.build(table).values(asked)
+
+    def same(a: list | None, b: list | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return all((isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+                   or (x == y and type(x) is type(y) and (not isinstance(x, float) or math.copysign(1, x) == math.copysign(1, y)))
+                   for x, y in zip(a, b, strict=True))
+
+    assert all(same(a, b) and same(a, c) for a, b, c in zip(by_lines, by_columns, by_arrow, strict=True))
+
+
+def _without_lines(init):  # noqa: ANN001, ANN202
+    def wrapped(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        init(self, *args, **kwargs)
+        self.lines = None
+    return wrapped
+
+
+@pytest.mark.parametrize("value", ["has \x1f inside", "\x00"])
+def test_strings_that_would_break_a_line_are_read_column_by_column(value: str) -> None:
+    table = pa.table({"_row": pa.array([0, 1], pa.int64()), "id": pa.array(["a", value])})
+    cache = JoinCache.build(table)
+    assert cache.segments[0].lines is None
+    assert cache.values([1, 0]) == [[1, value], [0, "a"]]
