@@ -21,24 +21,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from caselens.errors import CollectionNotFoundError, QueryError
-from caselens.indexes import bm25_index, derived, faiss_index
 from caselens.indexes.collection import Collection as Storage
 from caselens.indexes.collection import default_home, list_collections
-from caselens.indexes.index_choice import ChoiceConfig
 from caselens.indexes.reader import reader_of
-from caselens.ingest.chunking import stored_chunking
-from caselens.ingest.pipeline import IngestReport
-from caselens.ingest.runner import IngestRequest, run_ingest
-from caselens.retrieval.eval.retrieval_eval import RetrievalEval, evaluate_retrieval
-from caselens.retrieval.rag import Answer, AskConfig, ask
 from caselens.retrieval.search import ImageQuery, SearchResult, search
+
+if TYPE_CHECKING:  # (what only some calls need is imported by them: a search starts sooner)
+    import numpy as np
+
+    from caselens.indexes.index_choice import ChoiceConfig
+    from caselens.ingest.pipeline import IngestReport
+    from caselens.retrieval.eval.retrieval_eval import RetrievalEval
+    from caselens.retrieval.rag import Answer
 
 __all__ = ["Collection", "open", "collections"]
 
@@ -97,6 +94,9 @@ class Collection:
 
     def info(self) -> dict[str, Any]:
         """Encoder, item count, table version, columns and the derived indexes' stamps."""
+        from caselens.indexes import bm25_index, faiss_index
+        from caselens.ingest.chunking import stored_chunking
+
         storage = self.storage
         version = storage.version
         stamp = faiss_index.read_stamp(storage.layout.faiss_dir)
@@ -121,6 +121,8 @@ class Collection:
         """Ingest one kind of source (see :class:`caselens.ingest.runner.IngestRequest` for every
         option: ``label_column``, ``unit``, ``window``, ``chunk_tokens``, ``encoder_options``, …).
         The first ingest creates the collection. Returns the run's report (counts, reasons)."""
+        from caselens.ingest.runner import IngestRequest, run_ingest
+
         request = IngestRequest(images=images, manifest=manifest, dicom=dicom, text=text, pdf=pdf, encoder=encoder,
                                 **options)
         report = run_ingest(self.name, request, self.home)
@@ -150,6 +152,8 @@ class Collection:
         ``task``, ``options``, ``min_score``, …). The default generator is extractive (it quotes
         the sources, so it is always grounded); name ``gemma``, ``hf:<folder>`` or
         ``openai:<url>`` for a model."""
+        from caselens.retrieval.rag import AskConfig, ask
+
         knowledge = [self.storage, *(c.storage for c in also)]
         return ask(knowledge, question, generator=generator, cases=cases.storage if cases is not None else None,
                    image=image, config=AskConfig(**config))
@@ -157,12 +161,17 @@ class Collection:
     # --------------------------------------------------------------- evaluate
     def evaluate(self, label_column: str = "label", k: int = 10, exclude_same: str | None = None) -> RetrievalEval:
         """Leave-one-out image retrieval quality: P@1, P@k, mAP@k and kNN accuracy, per class."""
+        from caselens.retrieval.eval.retrieval_eval import evaluate_retrieval
+
         return evaluate_retrieval(self.storage, label_column, k, exclude_same)
 
     # ----------------------------------------------------------------- export
     def export_vectors(self, path: Path | str, columns: Sequence[str] | None = None) -> Path:
         """Write the latest snapshot's ids, vectors and metadata (or only ``columns`` besides ``id``
         and ``vector``) to a Parquet file; returns its path."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         snapshot = reader_of(self.storage).snapshot()
         rows, vectors = snapshot.vectors(snapshot.rows)
         values = snapshot.row_dicts(rows.tolist())
@@ -186,6 +195,8 @@ class Collection:
     # ------------------------------------------------------------ maintenance
     def index(self, rebuild: bool = False, config: ChoiceConfig | None = None, progress: bool = False) -> dict[str, Any]:
         """Bring the derived indexes up to date (or rebuild the FAISS index); returns its stamp."""
+        from caselens.indexes import derived
+
         storage = self.storage
         stamp = derived.refresh(storage, rebuild=rebuild, config=config, progress=progress)
         derived.refresh_bm25(storage)
@@ -193,6 +204,8 @@ class Collection:
 
     def delete(self, ids: Sequence[str]) -> list[str]:
         """Delete items (noted in the ledger) and remove them from the derived indexes."""
+        from caselens.indexes import derived
+
         return derived.delete(self.storage, list(ids))
 
     def verify(self, repair: bool = False, sample: int | None = None, reingest: bool = False) -> dict[str, Any]:
@@ -206,6 +219,7 @@ class Collection:
         records phantoms in the ledger and rebuilds a disagreeing index. ``reingest`` then reads
         the recorded input of each run that lost items again (``reingest`` in the result: what
         could be done and why not) and checks once more (``after_reingest``)."""
+        from caselens.indexes import derived
         from caselens.ingest import reingest as again
 
         storage = Storage.open(self.name, self.home, damaged=True)

@@ -31,7 +31,11 @@ import pyarrow.compute as pc
 import xxhash
 
 CHECKSUM_COLUMN = "_checksum"
-_EMPTY = pa.scalar(b"", pa.large_binary())
+
+
+def _empty() -> pa.Scalar:
+    """b"" as a large_binary scalar (made when used: ``pa.scalar`` at import time would import pandas)."""
+    return pa.scalar(b"", pa.large_binary())
 
 
 def _validity(arr: pa.Array) -> pa.Buffer | None:
@@ -68,7 +72,7 @@ def _framed(name: str, arr: pa.Array) -> pa.Array | None:
     lengths = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False).astype("<u8")
     length_bytes = pa.Array.from_buffers(pa.binary(8), len(arr), [None, pa.py_buffer(lengths.tobytes())])
     return pc.binary_join_element_wise(pa.scalar(name.encode() + b"\0", pa.large_binary()),
-                                       length_bytes.cast(pa.large_binary()), values, _EMPTY,
+                                       length_bytes.cast(pa.large_binary()), values, _empty(),
                                        null_handling="emit_null")
 
 
@@ -88,7 +92,7 @@ def row_checksums(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     parts = [f for c in names if c not in lists and (f := _framed(c, columns[c])) is not None]
     h = xxhash.xxh3_64_intdigest
     if parts:
-        joined = pc.binary_join_element_wise(*parts, _EMPTY, null_handling="skip")
+        joined = pc.binary_join_element_wise(*parts, _empty(), null_handling="skip")
         offsets = np.frombuffer(joined.buffers()[1], np.int64)[joined.offset:joined.offset + n + 1].tolist()
         data = memoryview(joined.buffers()[2] or b"")
         out = [h(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]

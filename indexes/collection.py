@@ -32,7 +32,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +46,7 @@ from caselens.indexes.ledger import LEDGER_SCHEMA, Ledger, LedgerEntry
 from caselens.indexes.lock import WriteLock
 from caselens.indexes.rows import (CORE_COLUMNS, MetadataTypeError, arrow_rows, coerce_metadata, column_name,
                                    missing_columns, table_row)
+from caselens.indexes.lance_lib import lance
 
 # row_checksums is public here too: every writer of rows (Collection.add, the distributed runner through
 # caselens.indexes.rows.arrow_rows) computes ``_checksum`` with it (canonical form: caselens.indexes.checksums).

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lance
+from caselens.indexes.lance_lib import lance
 import pyarrow as pa
 
 from caselens.errors import CaselensError, TableDamagedError

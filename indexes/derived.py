@@ -24,7 +24,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-from tqdm.auto import tqdm
 
 from caselens.errors import EncoderMismatchError, IndexIntegrityError
 from caselens.indexes import bm25_index, faiss_index
@@ -53,6 +52,8 @@ def full_build(collection: Collection, config: ChoiceConfig | None,
     holding the write lock)."""
     if config is None:
         config = stored_config(faiss_index.read_stamp(collection.layout.faiss_dir))
+    from tqdm.auto import tqdm  # (imported by builds only: searches start sooner)
+
     version = collection.version
     row_ids, vecs = collection.vectors()
     bar = tqdm(total=len(row_ids), unit="vec", desc=f"index {collection.name}", disable=not progress)

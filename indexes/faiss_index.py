@@ -214,6 +214,23 @@ def hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
     return index if isinstance(index, faiss.IndexHNSW) else None
 
 
+def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray | None:
+    """The vectors of ``ids`` (held by ``index``) exactly as they were added, when the index keeps
+    them so and can find them by id (a flat or HNSW-flat index keyed by ids); None otherwise."""
+    outer = faiss.downcast_index(index)
+    if not isinstance(outer, faiss.IndexIDMap2):
+        return None
+    inner = faiss.downcast_index(outer.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    if type(inner) not in (faiss.IndexFlatIP, faiss.IndexFlat, faiss.IndexFlatL2):
+        return None
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if not len(ids):
+        return np.zeros((0, index.d), np.float32)
+    return outer.reconstruct_batch(ids)
+
+
 def index_ids(index: faiss.Index) -> np.ndarray:
     """Every id stored in ``index`` (tombstoned ones included), unsorted."""
     index = faiss.downcast_index(index)
@@ -399,8 +416,9 @@ def load_index(folder: Path, encoder_fingerprint: str, *, mmap: bool = False, ca
 
 
 # ------------------------------------------------------------------ search
-def _bitmap_selector(ids: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
-    """A bitmap ID selector for non-negative ``ids`` (and the bitmap, which must stay alive)."""
+def bitmap_selector(ids: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """A bitmap ID selector for non-negative ``ids`` (and the bitmap, which must stay alive as long
+    as the selector is used)."""
     top = int(ids.max()) + 1 if len(ids) else 1
     mask = np.zeros(top, dtype=bool)
     mask[ids] = True
@@ -458,15 +476,13 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
     were made for: a stamp's), so a single query does not pay for downcasts, SWIG objects and a
     hash set of every tombstone. FAISS only reads search parameters and selectors, so one set
     serves concurrent searches. Not kept when ``params`` name neither ``nprobe`` nor
-    ``efSearch`` (the index's own, changeable value applies then) or tombstones come as another
-    type than a list.
+    ``efSearch`` for an index that has one (the index's own, changeable value applies then) or
+    tombstones come as another type than a list.
     """
     dead = deleted if deleted is not None and len(deleted) else None
-    cacheable = (bool(params) and ("nprobe" in params or "efSearch" in params)
-                 and (dead is None or isinstance(dead, list)))
-    if cacheable:
+    if dead is None or isinstance(dead, list):
         cached = _PARAMS.get(id(index))
-        if cached is not None and cached[0]() is index and cached[1] == params and cached[2] == dead:
+        if cached is not None and cached[0]() is index and cached[1] == (params or {}) and cached[2] == dead:
             return cached[3]  # (dict ==, list ==: C speed)
     keep: list[Any] = []
     selector = None
@@ -477,7 +493,8 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
     p = search_params(index, params, selector)
     if p is not None:
         p._caselens_keep = keep  # the selectors live as long as the parameters
-    if cacheable:
+    tuned = bool(params) and ("nprobe" in params or "efSearch" in params)
+    if (dead is None or isinstance(dead, list)) and (tuned or (ivf_of(index) is None and hnsw_of(index) is None)):
         key = id(index)
         try:
             ref = weakref.ref(index, lambda _: _PARAMS_DROP(key, None))  # forgotten with the index
@@ -539,35 +556,46 @@ def omp_threads(n: int | None) -> Iterator[None]:
 
 def search_index(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
                  params: dict[str, int] | None = None, deleted: list[int] | np.ndarray | None = None,
-                 selectivity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 selectivity: float | None = None,
+                 selector: tuple[faiss.IDSelector | None, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, ids) for each query.
 
     ``allowed_ids`` restricts the search before ranking (an ID selector); ``params`` are the
     stamp's tuned ``nprobe``/``efSearch``; ``deleted`` are tombstoned ids that never come back;
     ``selectivity`` (allowed / total, computed when not given) widens the search for filters.
+    ``selector`` is a prebuilt (ID selector or None, number of ids it selects) to use instead
+    of ``allowed_ids`` (made by :func:`bitmap_selector`, tombstones left out, kept for repeated
+    searches with one filter; None: every id of ``index``, which holds only the allowed ones).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim == 1:
         queries = queries[None]
     with omp_threads(search_threads(index, len(queries))):
-        return _search(index, queries, k, allowed_ids, params, deleted, selectivity)
+        return _search(index, queries, k, allowed_ids, params, deleted, selectivity, selector)
 
 
 def _search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None,
             params: dict[str, int] | None, deleted: list[int] | np.ndarray | None,
-            selectivity: float | None) -> tuple[np.ndarray, np.ndarray]:
+            selectivity: float | None,
+            selector: tuple[faiss.IDSelector | None, int] | None) -> tuple[np.ndarray, np.ndarray]:
     ntotal = index.ntotal
     k = max(1, min(k, ntotal)) if ntotal else 1
+    if selector is not None:
+        sel, count = selector
+        if not count:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        p = search_params(index, params, sel, selectivity if selectivity is not None else count / max(1, ntotal))
+        return index.search(queries, k, params=p)
     if allowed_ids is not None:
         allowed = np.asarray(allowed_ids, dtype=np.int64)
         if deleted is not None and len(deleted):
             allowed = np.setdiff1d(allowed, np.asarray(deleted, np.int64))
         if not len(allowed):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        selector, bits = _bitmap_selector(allowed)  # bits must stay alive until the search is done
+        made, bits = bitmap_selector(allowed)  # bits must stay alive until the search is done
         if selectivity is None:
             selectivity = len(allowed) / max(1, ntotal)
-        p = search_params(index, params, selector, selectivity)
+        p = search_params(index, params, made, selectivity)
         if p is None:
             return index.search(queries, k)
         scores, ids = index.search(queries, k, params=p)

@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import lance
+from caselens.indexes.lance_lib import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lance
+from caselens.indexes.lance_lib import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import pyarrow.compute as pc
 from caselens.errors import QueryError, TableDamagedError
 from caselens.indexes.collection import CHECKSUM_COLUMN, Collection, lance_filter, take_rows, vectors_of
 from caselens.indexes.damage import LanceGuard
+from caselens.indexes.filters import Unsupported, conjuncts, parse
 from caselens.indexes.join_cache import JoinCache
 
 log = logging.getLogger(__name__)
@@ -51,33 +53,77 @@ def _manifest_v2(version: int) -> str:
     return f"{(1 << 64) - 1 - version:020d}.manifest"
 
 
+SELECTIONS_BYTES = 64 << 20  # filter results kept per snapshot (8 bytes a row), least recently used dropped
+# a filter that takes out at most this many rows (and this share) of another is searched as that one, less them
+REMOVED_FEW, REMOVED_SHARE = 4096, 0.05
+
+
+class Selection:
+    """The rows of one snapshot that match one filter (sorted, read-only).
+
+    When the filter is another one (its first ``AND`` term, :attr:`base`; None: no filter at all)
+    with a few rows taken out (a per-query exclusion such as the query's own patient),
+    :attr:`removed` lists them: readers then search through what they keep for the base -- the
+    same for every query with that filter -- and leave those rows out."""
+
+    def __init__(self, predicate: str, rows: np.ndarray, evaluated: str, base: "Selection | None" = None,
+                 removed: np.ndarray | None = None):
+        rows.flags.writeable = False
+        self.predicate = predicate
+        self.rows = rows
+        self.evaluated = evaluated  # "memory" (the in-memory columns) or "scan" (the Lance scan)
+        self.base = base
+        self.removed = removed  # rows = (base's rows, or every row) minus these; None: not known to be few
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + (self.removed.nbytes if self.removed is not None else 0)
+
+
 class Snapshot:
     """One version of the items table, as a reader sees it (immutable once built)."""
 
-    def __init__(self, version: int, table: Any, dim: int, columns: tuple[str, ...], data: pa.Table | None,
+    def __init__(self, version: int, table: Any, dim: int, columns: tuple[str, ...], cache: JoinCache | None,
                  rows: np.ndarray, guard: LanceGuard | None = None):
         self.version = version  # the table version
         self.guard = guard or _unguarded  # Lance reads run inside it: damage -> TableDamagedError
         self.dim = dim
         self.columns = columns  # the non-vector columns, in table order
         self._table = table  # the Lance dataset pinned at this version
-        self._data = data  # the non-vector columns in memory (None: too large, read per request)
-        order = np.argsort(rows, kind="stable")  # rows: the _row column in table order (offsets)
-        self.rows = rows[order]  # every _row number of this version, sorted
-        self._offsets = order.astype(np.int64)  # the position of each of them in the table
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # rows: the _row column in table order
+            order = np.argsort(rows, kind="stable")
+            self.rows, self._offsets = rows[order], order.astype(np.int64)
+        else:  # appended in order (the usual case): no sort
+            self.rows, self._offsets = rows, np.arange(len(rows), dtype=np.int64)
         self.max_row = int(self.rows[-1]) if len(self.rows) else -1
-        self._cache = JoinCache(data.column("_row").to_numpy(), data) if data is not None else None
+        self._cache = cache  # the non-vector columns in memory (None: too large, read per request)
         self._lock = threading.Lock()
         self._ids: dict[str, int] | None = None
+        self._data: pa.Table | None = None
+        self._selections: OrderedDict[Any, Selection] = OrderedDict()
+        self._selected_bytes = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
+    def join_cache(self) -> JoinCache | None:
+        """The non-vector columns in memory, or None when they were too large to keep."""
+        return self._cache
+
+    @property
     def data(self) -> pa.Table | None:
-        """The non-vector columns of every row (``_row`` included), or None when they were too
-        large to keep (:func:`join_cache_bytes`)."""
-        return self._data
+        """The non-vector columns of every row (``_row`` included) as one table, or None when
+        they were too large to keep (:func:`join_cache_bytes`)."""
+        if self._cache is None:
+            return None
+        with self._lock:
+            if self._data is None:
+                self._data = self._cache.table()
+            return self._data
 
     # --------------------------------------------------------------- values
     @property
@@ -103,47 +149,111 @@ class Snapshot:
     def contains(self, row_ids: np.ndarray) -> np.ndarray:
         """Which of ``row_ids`` this version holds (a boolean array)."""
         row_ids = np.asarray(row_ids, np.int64)
+        if self._cache is not None:  # the row map: linear time
+            where = self._cache.where
+            held = (row_ids >= 0) & (row_ids < len(where))
+            held[held] = where[row_ids[held]] >= 0
+            return held
         if not len(self.rows):
             return np.zeros(len(row_ids), bool)
         pos = np.minimum(np.searchsorted(self.rows, row_ids), len(self.rows) - 1)
         return self.rows[pos] == row_ids
 
+    def _column(self, name: str) -> tuple[np.ndarray, pa.ChunkedArray]:
+        if self._cache is not None:
+            return self._cache.column(name)
+        with self.guard():
+            table = self._table.to_table(columns=["_row", name])
+        return table.column("_row").to_numpy().astype(np.int64), table.column(name)
+
     def row_of(self, item_id: str) -> int | None:
         """The row number of the item ``item_id`` in this version, or None."""
         with self._lock:
             if self._ids is None:
-                if self._data is not None:
-                    ids = self._data.column("id")
-                else:
-                    with self.guard():
-                        ids = self._table.to_table(columns=["id", "_row"])
-                if isinstance(ids, pa.Table):
-                    self._ids = dict(zip(ids.column("id").to_pylist(), ids.column("_row").to_pylist()))
-                else:
-                    self._ids = dict(zip(ids.to_pylist(), self._data.column("_row").to_pylist()))
+                rows, ids = self._column("id")
+                self._ids = dict(zip(ids.to_pylist(), rows.tolist()))
         return self._ids.get(item_id)
 
     def texts(self) -> tuple[np.ndarray, list[str]]:
         """(row numbers, texts) of the rows that have text."""
-        if self._data is not None:
-            table = self._data
-        else:
-            with self.guard():
-                table = self._table.to_table(columns=["_row", "text"])
-        table = table.filter(pc.is_valid(table.column("text")))
-        return table.column("_row").to_numpy().astype(np.int64), table.column("text").to_pylist()
+        rows, texts = self._column("text")
+        valid = pc.is_valid(texts)
+        return rows[np.asarray(valid.to_numpy(zero_copy_only=False), bool)], texts.filter(valid).to_pylist()
 
     # -------------------------------------------------------------- filters
     def select(self, predicate: str) -> np.ndarray:
         """Sorted row numbers of this version matching the SQL ``predicate``
         (:class:`QueryError` naming the filter when it cannot be applied)."""
+        return self.selection(predicate).rows
+
+    def selection(self, predicate: str) -> Selection:
+        """The rows of this version matching the SQL ``predicate`` (standard SQL, double-quoted
+        identifiers), as a :class:`Selection` kept for the next search with the same filter.
+
+        Evaluated over the in-memory columns (:mod:`caselens.indexes.filters`; each top-level
+        ``AND`` term's rows are kept per segment of the join cache, so a filter combined with a
+        per-query exclusion evaluates only the exclusion), or by a Lance scan of this version
+        when the columns are not in memory or the predicate uses SQL the evaluator does not
+        read. :class:`QueryError` naming the filter when it cannot be applied."""
+        with self._lock:
+            hit = self._selections.get(predicate)
+            if hit is not None:
+                self._selections.move_to_end(predicate)
+                return hit
+        selection = None
+        if self._cache is not None:
+            try:
+                selection = self._evaluate(predicate, conjuncts(parse(predicate)))
+            except Unsupported:
+                pass
+        if selection is None:
+            selection = Selection(predicate, self.scan(predicate), "scan")
+        return self._keep(predicate, lambda: selection)
+
+    def _evaluate(self, predicate: str, terms: tuple) -> Selection:
+        """``predicate``'s selection from the in-memory columns: when it is its first ``AND`` term
+        (or no filter) less a few rows, as that, less them (so that readers rank it through what
+        they keep for that term)."""
+        cache = self._cache
+        if len(terms) > 1:
+            base = self._keep(("terms", terms[0]), lambda: Selection(str(terms[0]), cache.select(terms[:1]), "memory"))
+            removed = cache.removed(base.rows, terms[1:], min(REMOVED_FEW, int(REMOVED_SHARE * len(base)) + 1))
+            if removed is not None:
+                rows = np.delete(base.rows, np.searchsorted(base.rows, removed))
+                return Selection(predicate, rows, "memory", base, removed)
+            return Selection(predicate, cache.select(terms), "memory")
+        rows = cache.select(terms)
+        few = min(REMOVED_FEW, int(REMOVED_SHARE * len(self)) + 1)
+        removed = cache.removed(None, terms, few) if len(self) - len(rows) < few else None
+        return Selection(predicate, rows, "memory", None, removed)
+
+    def _keep(self, key: Any, make: Any) -> Selection:
+        """The selection kept under ``key``, or ``make()``'s, kept now (least recently used dropped
+        past :data:`SELECTIONS_BYTES`)."""
+        with self._lock:
+            hit = self._selections.get(key)
+            if hit is not None:
+                self._selections.move_to_end(key)
+                return hit
+        selection = make()
+        with self._lock:
+            old = self._selections.pop(key, None)
+            self._selected_bytes += selection.nbytes - (old.nbytes if old is not None else 0)
+            self._selections[key] = selection
+            while self._selected_bytes > SELECTIONS_BYTES and len(self._selections) > 1:
+                _, dropped = self._selections.popitem(last=False)
+                self._selected_bytes -= dropped.nbytes
+        return selection
+
+    def scan(self, predicate: str) -> np.ndarray:
+        """Sorted row numbers of this version matching ``predicate``, by a Lance scan."""
         where = lance_filter(predicate)
         try:
             with self.guard(where, self._table):  # damage while reading: TableDamagedError, not a filter error
                 found = self._table.to_table(columns=["_row"], filter=where)
         except TableDamagedError:
             raise
-        except Exception as exc:  # LanceDB raises several types for a bad predicate
+        except Exception as exc:  # Lance raises several types for a bad predicate
             raise QueryError(f"filter {predicate!r} could not be applied: {str(exc).splitlines()[0]}") from None
         return np.sort(found.column("_row").to_numpy().astype(np.int64))
 
@@ -179,8 +289,9 @@ def _read_columns(table: Any, columns: Sequence[str], where: str | None = None) 
 
 
 def build_snapshot(collection: Collection, version: int, previous: Snapshot | None = None) -> Snapshot:
-    """The snapshot of ``collection`` at table ``version``; when ``previous`` has the same columns,
-    only the rows added since are read, and rows deleted since are dropped from its copy."""
+    """The snapshot of ``collection`` at table ``version``; when ``previous`` has the same columns
+    in memory, only the rows added since are read and prepared (a new segment of its join cache),
+    and rows deleted since leave its row map."""
     with collection.guard():
         return _build_snapshot(collection, version, previous)
 
@@ -190,31 +301,26 @@ def _build_snapshot(collection: Collection, version: int, previous: Snapshot | N
     columns = tuple(f.name for f in table.schema if f.name not in ("vector", CHECKSUM_COLUMN))
     rows_now = _read_columns(table, ["_row"]).column("_row").to_numpy().astype(np.int64)
     n = len(rows_now)
-    data: pa.Table | None = None
-    if previous is not None and previous.columns == columns and previous.data is not None:
-        old = previous.data
-        keep = previous.contains(rows_now)  # a row number is never reused: rows past max_row are new
-        if not keep.all():
-            new_rows = rows_now[~keep]
-            added = _read_columns(table, columns, f"_row > {previous.max_row}") \
-                if new_rows.min() > previous.max_row else None
-            if added is None or added.num_rows != len(new_rows):  # not plain appends: read it all
-                old = None
-            else:
-                old = pa.concat_tables([old, added.select(list(old.column_names))])
-        if old is not None:
-            if old.num_rows != n:  # rows deleted since: keep the rows this version holds
-                old = old.filter(pc.is_in(old.column("_row"), value_set=pa.array(rows_now)))
-            data = old
-    if data is None and n:
+    cache: JoinCache | None = None
+    before = previous.join_cache if previous is not None and previous.columns == columns else None
+    if before is not None:
+        top = len(before.where)  # a row number is never reused: rows from here on are new
+        new = rows_now >= top
+        if (before.where[rows_now[~new]] >= 0).all():  # the others were all there
+            count = int(new.sum())
+            added = _read_columns(table, columns, f"_row >= {top}") if count else \
+                pa.table({c: pa.array([], table.schema.field(c).type) for c in columns})
+            if added.num_rows == count:
+                cache = before.extend(added, rows_now)
+    if cache is None:
         limit = join_cache_bytes()
-        if n * 8 * len(columns) <= limit:  # a lower bound before reading; checked after
+        if not n:
+            cache = JoinCache.build(pa.table({c: pa.array([], table.schema.field(c).type) for c in columns}))
+        elif n * 8 * len(columns) <= limit:  # a lower bound before reading; checked after
             data = _read_columns(table, columns)
-            if data.nbytes > limit:
-                data = None
-    elif data is None:
-        data = pa.table({c: pa.array([], table.schema.field(c).type) for c in columns})
-    return Snapshot(int(version), table, collection.dim, columns, data, rows_now, collection.guard)
+            if data.nbytes <= limit:
+                cache = JoinCache.build(data)
+    return Snapshot(int(version), table, collection.dim, columns, cache, rows_now, collection.guard)
 
 
 class SnapshotReader:
@@ -246,13 +352,8 @@ class SnapshotReader:
     def latest_version(self) -> int:
         """The latest committed table version (exact; a stat() while nothing was committed)."""
         snapshot, probe = self._snapshot, self._next_manifest
-        if snapshot is not None and probe is not None:
-            try:
-                os.stat(probe)
-            except FileNotFoundError:
-                return snapshot.version
-            except OSError:
-                pass
+        if snapshot is not None and probe is not None and not os.access(probe, os.F_OK):
+            return snapshot.version  # (access() answers without raising: no exception object per search)
         return self.collection.version
 
     def current(self) -> Snapshot:

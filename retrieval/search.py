@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from PIL import Image
 
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection, quote
-from caselens.indexes.reader import reader_of
+from caselens.indexes.reader import ReadView, reader_of
 from caselens.indexes.snapshot import Snapshot
 from caselens.ingest.deid import pseudonym
 from caselens.ingest.encoders import Encoder, load_from_record
@@ -169,12 +170,13 @@ def predicate(collection: Collection, snapshot: Snapshot, where: str | None, exc
     return " AND ".join(parts) or None
 
 
-def dense_rows(collection: Collection, query: np.ndarray, k: int,
-               predicate: str | None = None) -> tuple[list[tuple[float, int]], int, Snapshot]:
+def dense_rows(collection: Collection, query: np.ndarray, k: int, predicate: str | None = None,
+               view: ReadView | None = None) -> tuple[list[tuple[float, int]], int, Snapshot]:
     """Top-``k`` (cosine, ``_row``) for one unit ``query`` vector among the rows matching
-    ``predicate`` in the latest snapshot, how many candidate rows were ranked, and the snapshot."""
-    view = reader_of(collection).view()
-    allowed = view.snapshot.select(predicate) if predicate is not None else None
+    ``predicate`` in the latest snapshot (or ``view``'s, taken by the caller for this search), how
+    many candidate rows were ranked, and the snapshot."""
+    view = view or reader_of(collection).view()
+    allowed = view.snapshot.selection(predicate) if predicate is not None else None
     found = view.rank(np.asarray(query, np.float32), k, allowed)
     return found, (len(view.snapshot) if allowed is None else len(allowed)), view.snapshot
 
@@ -217,19 +219,21 @@ def hits_for_rows(snapshot: Snapshot, found: list[tuple[float, int]]) -> list[Hi
 
 def search_vector(collection: Collection, query: np.ndarray, k: int = 10, where: str | None = None,
                   exclude: dict[str, Any] | None = None, exclude_ids: list[str] | None = None,
-                  query_desc: str = "vector", encoder_spec: str | None = None) -> SearchResult:
-    """Top-``k`` items for one unit ``query`` vector, after ``where`` and exclusions."""
+                  query_desc: str = "vector", encoder_spec: str | None = None,
+                  view: ReadView | None = None) -> SearchResult:
+    """Top-``k`` items for one unit ``query`` vector, after ``where`` and exclusions (in ``view``
+    when the caller took one for this search, else in the latest snapshot)."""
     start = time.perf_counter()
     if k < 1:
         raise QueryError(f"k must be at least 1, got {k}")
     query = np.asarray(query, np.float32).reshape(1, -1)
     if query.shape[1] != collection.dim:
         raise QueryError(f"query vector has dimension {query.shape[1]}, collection {collection.name!r} has {collection.dim}")
-    if not np.isfinite(query).all():
+    if not math.isfinite(query.sum(dtype=np.float64)):  # (float32 values cannot overflow a float64 sum)
         raise QueryError("query vector has NaN or infinite values")
-    snapshot = reader_of(collection).snapshot()
-    pred = predicate(collection, snapshot, where, exclude, exclude_ids)
-    found, candidates, snapshot = dense_rows(collection, query, k, pred)
+    view = view or reader_of(collection).view()
+    pred = predicate(collection, view.snapshot, where, exclude, exclude_ids)
+    found, candidates, snapshot = dense_rows(collection, query, k, pred, view)
     return SearchResult(collection=collection.name, query=query_desc,
                         encoder=encoder_spec or collection.encoder["spec"], hits=hits_for_rows(snapshot, found),
                         candidates=candidates, milliseconds=(time.perf_counter() - start) * 1000,
@@ -304,7 +308,8 @@ def search(collection: Collection, *, image: ImageQuery | None = None, text: str
         from caselens.retrieval.fusion import keyword_search
 
         return keyword_search(collection, text, k=k, where=where, mode=mode)
-    snapshot = reader_of(collection).snapshot()
+    view = reader_of(collection).view()  # one snapshot for the whole search
+    snapshot = view.snapshot
     exclude: dict[str, Any] = {}
     exclude_ids: list[str] = []
     stored_id: str | None = None
@@ -348,4 +353,4 @@ def search(collection: Collection, *, image: ImageQuery | None = None, text: str
                              "(--query-patient)")
         exclude[exclude_same] = value
     return search_vector(collection, query, k, where, exclude, exclude_ids or None, query_desc=desc,
-                         encoder_spec=spec)
+                         encoder_spec=spec, view=view)
