@@ -47,3 +47,15 @@ class QueryError(CaselensError, ValueError):
 
 class SourceError(CaselensError, ValueError):
     """A source (folder, manifest, corpus) that cannot be read at all."""
+
+
+class AdapterMismatchError(EncoderMismatchError):
+    """An adapter fitted on vectors of another encoder than the collection's (or the query's)."""
+
+
+class AdapterIntegrityError(CaselensError, ValueError):
+    """A stored adapter whose record or arrays are missing, damaged or do not fit together."""
+
+
+class AdaptationError(CaselensError, ValueError):
+    """An adapter or diagnosis model that cannot be fitted from the labelled items given."""
