@@ -74,26 +74,26 @@ class Basis:
 
 
 def decompose(vectors: np.ndarray, max_rank: int | None = None) -> Basis:
-    """PCA of ``vectors`` through the eigendecomposition of the smaller of X Xᵀ and Xᵀ X (float64);
-    components with negligible variance are dropped."""
-    x = np.asarray(vectors, np.float64)
-    mean = x.mean(0)
-    xc = x - mean
+    """PCA of ``vectors`` through the eigendecomposition of the smaller of X Xᵀ and Xᵀ X (products
+    in float32, the eigendecomposition in float64); components with less than 1e-6 of the largest
+    variance are dropped (below float32 precision, and noise to any whitening)."""
+    x = np.asarray(vectors, np.float32)
+    mean = x.astype(np.float64).mean(0)
+    xc = x - mean.astype(np.float32)
     n, d = xc.shape
     if d <= n:
-        ev, vecs = np.linalg.eigh(xc.T @ xc)
+        ev, vecs = np.linalg.eigh((xc.T @ xc).astype(np.float64))
         ev, vecs = ev[::-1], vecs[:, ::-1]
-        keep = ev > max(ev[0], 1e-30) * 1e-10
-        directions = vecs[:, keep]
-        coords = xc @ directions
-        ev = ev[keep]
+        keep = ev > max(ev[0], 1e-30) * 1e-6
+        ev, directions = ev[keep], vecs[:, keep]
+        coords = (xc @ directions.astype(np.float32)).astype(np.float64)
     else:
-        ev, vecs = np.linalg.eigh(xc @ xc.T)
+        ev, vecs = np.linalg.eigh((xc @ xc.T).astype(np.float64))
         ev, vecs = ev[::-1], vecs[:, ::-1]
-        keep = ev > max(ev[0], 1e-30) * 1e-10
+        keep = ev > max(ev[0], 1e-30) * 1e-6
         ev, vecs = ev[keep], vecs[:, keep]
         s = np.sqrt(ev)
-        directions = (xc.T @ vecs) / s
+        directions = (xc.T @ (vecs / s).astype(np.float32)).astype(np.float64)
         coords = vecs * s
     if max_rank is not None and len(ev) > max_rank:
         directions, coords, ev = directions[:, :max_rank], coords[:, :max_rank], ev[:max_rank]

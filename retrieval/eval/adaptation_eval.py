@@ -3,8 +3,9 @@
 Protocol: the labelled items are split into folds (patient-disjoint by default:
 :func:`~caselens.retrieval.adaptation.folds.group_folds`; or folds given by the caller). For each
 fold, its items are the queries and the archive is every other labelled item *except those of
-the queries' patients* (so same-patient items are out of both the fit and the ranking, even
-with folds that are not patient-disjoint). The adapter is chosen and fitted on the archive only
+the queries' patients and exact copies of a query's vector* (the same image filed under another
+patient id), so they are out of both the fit and the ranking, even with folds that are not
+patient-disjoint. The adapter is chosen and fitted on the archive only
 (``method="auto"``: nested cross-validation inside the archive), then each query ranks the
 archive by exact cosine, raw and adapted; P@k counts archive items of the query's label among
 its top k (a query with nothing findable scores 0). Nothing of a query's fold is ever seen by the
@@ -50,9 +51,12 @@ def outer_folds(vectors: np.ndarray, labels: Sequence[str], groups: Sequence[obj
     y = np.asarray([str(v) for v in labels], dtype=object)
     keys = group_keys(groups, len(y))
     ids = group_folds(y, keys, folds, seed) if fold_ids is None else np.asarray(fold_ids)
+    rows = [row.tobytes() for row in x]
     for f in sorted(set(ids.tolist())):
         queries = np.flatnonzero(ids == f)
-        archive = np.flatnonzero((ids != f) & ~np.isin(keys, keys[queries]))
+        copies = {rows[i] for i in queries}
+        archive = np.flatnonzero((ids != f) & ~np.isin(keys, keys[queries])
+                                 & np.array([r not in copies for r in rows], bool))
         if progress:
             progress(f"evaluation fold {f + 1}: {len(queries)} queries, archive of {len(archive)}")
         start = time.perf_counter()
