@@ -172,8 +172,10 @@ def with_top(probs: np.ndarray, top: np.ndarray) -> np.ndarray:
             if not free.any():
                 break
             rest[free] += excess * rest[free] / max(rest[free].sum(), 1e-12) if rest[free].sum() > 0 else excess / free.sum()
-        rest[arg[i]] = top[i]
-        out[i] = rest / rest.sum()
+        rest[arg[i]] = 0.0
+        rest *= (1.0 - 1e-9)  # capped classes a hair below the top one: the label never changes
+        rest[arg[i]] = 1.0 - rest.sum()
+        out[i] = rest
     return out
 
 
@@ -219,7 +221,7 @@ class Calibrator:
             return p / p.sum(1, keepdims=True)
         conf = probs.max(1)
         if self.kind == "platt":
-            top = 1.0 / (1.0 + np.exp(-(self.params["a"] * _logit(conf) + self.params["b"])))
+            top = 0.5 * (1.0 + np.tanh(0.5 * (self.params["a"] * _logit(conf) + self.params["b"])))
         else:  # isotonic: step function through the block values, by the blocks' upper edges
             highs, vals = np.asarray(self.params["x"]), np.asarray(self.params["y"])
             top = vals[np.minimum(np.searchsorted(highs, conf, side="left"), len(vals) - 1)]
@@ -251,17 +253,29 @@ def fit_calibrator(kind: str, probs: np.ndarray, truth: np.ndarray) -> Calibrato
     correct = (probs.argmax(1) == truth).astype(np.float64)
     if kind == "platt":
         x = _logit(conf)
-        a, b = 1.0, 0.0
-        for _ in range(50):  # Newton steps on the logistic log-likelihood, lightly regularised
+
+        def loss(a: float, b: float) -> float:
             z = a * x + b
-            p = 1.0 / (1.0 + np.exp(-z))
+            return float(np.logaddexp(0.0, z).sum() - (correct * z).sum() + 0.5e-3 * ((a - 1) ** 2 + b ** 2))
+
+        a, b = 1.0, 0.0
+        current = loss(a, b)
+        for _ in range(100):  # Newton steps on the logistic log-likelihood, halved until it improves
+            p = 0.5 * (1.0 + np.tanh(0.5 * (a * x + b)))
             g = np.array([((p - correct) * x).sum() + 1e-3 * (a - 1), (p - correct).sum() + 1e-3 * b])
             w = p * (1 - p)
             h = np.array([[(w * x * x).sum() + 1e-3, (w * x).sum()], [(w * x).sum(), w.sum() + 1e-3]])
             step = np.linalg.solve(h, g)
-            a, b = a - step[0], b - step[1]
-            if np.abs(step).max() < 1e-8:
+            scale = 1.0
+            while scale > 1e-6 and loss(a - scale * step[0], b - scale * step[1]) > current:
+                scale /= 2
+            if scale <= 1e-6:
                 break
+            a, b = a - scale * step[0], b - scale * step[1]
+            new = loss(a, b)
+            if current - new < 1e-10:
+                break
+            current = new
         return Calibrator("platt", {"a": float(a), "b": float(b)})
     if kind == "isotonic":
         highs, vals = _pav(conf, correct)
