@@ -90,9 +90,10 @@ def ensure_collection(home: Path, data: DataSet, choice: EncoderChoice) -> dict[
     name = collection_name(data.name, choice.key)
     if Collection.exists(name, home):
         col = Collection.open(name, home)
-        if col.count() >= data.rows:
+        settled = len(col.ledger())  # every manifest row ends accepted, duplicate or rejected
+        if settled >= data.rows:
             return {"collection": name, "reused": True, "items": col.count()}
-        sys.exit(f"{home / name} holds {col.count()} of {data.rows} rows; remove it and run again")
+        sys.exit(f"{home / name} settled {settled} of {data.rows} rows; remove it and run again")
     encoder = load_encoder(choice.spec, dict(choice.options))
     col = Collection.create(name, encoder.info.to_record(), home)
     source = ImageSource(manifest=data.manifest, secret=col.secret())

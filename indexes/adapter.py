@@ -277,12 +277,13 @@ def load_adapter(folder: str | Path, encoder_fingerprint: str | None = None) -> 
 
 def remove_adapter(folder: str | Path) -> bool:
     """Remove the adapter stored in ``folder`` (the record first, so readers stop using it at
-    once); True when there was one."""
+    once) and what was fitted with it there (JSON models such as ``diagnosis.json``); True when
+    there was an adapter."""
     folder = Path(folder)
     record = folder / RECORD_FILE
     existed = record.exists()
     record.unlink(missing_ok=True)
-    for old in folder.glob("*.npy"):
+    for old in [*folder.glob("*.npy"), *folder.glob("*.json")]:
         old.unlink(missing_ok=True)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()

@@ -29,8 +29,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from caselens.errors import AdaptationError, BadVectorError
+from caselens.errors import AdaptationError, AdapterMismatchError, BadVectorError
 from caselens.files import atomic_write_bytes
+from caselens.indexes.adapter import Adapter, adapter_folder, save_adapter
+from caselens.indexes.collection import Collection
+from caselens.retrieval.adaptation.collection import PATIENT_COLUMN, collection_adapter, fit_collection, read_labelled
+from caselens.retrieval.adaptation.fit import AUTO, AdapterReport
 from caselens.retrieval.calibration import (Calibrator, choose_calibrator, coverage_curve, expected_calibration_error,
                                             log_loss, threshold_for_precision)
 from caselens.retrieval.rag.context import citation_key, item_kind, sanitize
@@ -71,6 +75,20 @@ class ArchiveIndex:
         self.labels = list(labels)
         self.patients = list(patients) if patients is not None else [None] * len(self.ids)
         self.metadata = list(metadata) if metadata is not None else [{} for _ in self.ids]
+
+    @classmethod
+    def from_collection(cls, collection: Collection, label_column: str = "label", adapter: Adapter | None = None,
+                        group_column: str | None = PATIENT_COLUMN, metadata_columns: tuple[str, ...] = ()) -> "ArchiveIndex":
+        """An exact index of ``collection``'s items in the space ``adapter`` maps to (raw, re-normalised,
+        without one): a :data:`SearchFn` that needs no FAISS index."""
+        data = read_labelled(collection, label_column, group_column, extra_columns=metadata_columns)
+        if adapter is not None:
+            adapter.check_encoder(data.encoder_fingerprint)
+            vectors = adapter.apply(data.vectors)
+        else:
+            vectors = data.vectors / np.maximum(np.linalg.norm(data.vectors, axis=1, keepdims=True), 1e-12)
+        meta = [{c: data.metadata[c][i] for c in data.metadata} for i in range(len(data.ids))]
+        return cls(vectors, data.ids, data.labels, data.groups, meta)
 
     def __call__(self, vector: np.ndarray, k: int, exclude_patient: str | None = None) -> list[Neighbour]:
         sims = self.vectors @ np.asarray(vector, np.float32).reshape(-1)
@@ -361,3 +379,40 @@ def guideline_passages(candidates: Sequence[str], search_text: Callable[[str, in
     out = [GuidelinePassage(key=e["key"], id=e["id"], text=e["text"], score=round(e["score"], 6),
                             candidates=tuple(e["candidates"]), source=e["source"]) for e in found.values()]
     return sorted(out, key=lambda p: -p.score)
+
+
+def fit_collection_diagnosis(collection: Collection, label_column: str = "label", method: str = AUTO, folds: int = 5,
+                             *, group_column: str | None = PATIENT_COLUMN, seed: int = 0, k: int = 10,
+                             target_precision: float = TARGET_PRECISION, depth: int = max(VOTE_K), save: bool = False,
+                             progress: Callable[[str], None] | None = None
+                             ) -> tuple[Adapter, DiagnosisModel, AdapterReport]:
+    """Fit the adapter (as :func:`~caselens.retrieval.adaptation.collection.fit_collection_adapter`)
+    and the diagnosis model on its cross-validation's out-of-fold neighbours, in one pass. With
+    ``save``: both written to ``<collection>/adapter/`` (``adapter.json`` + arrays, ``diagnosis.json``).
+    The model names the adapter it was fitted with; :func:`collection_diagnosis` refuses it with
+    another."""
+    fit = fit_collection(collection, label_column, method, folds, group_column=group_column, seed=seed, k=k,
+                         progress=progress, keep_neighbours=depth)
+    nb, sims = fit.cv.neighbours[fit.report.chosen]
+    model, _ = fit_diagnosis(fit.labels, nb, sims, fit.folds, target_precision=target_precision,
+                             label_column=label_column, adapter_fingerprint=fit.adapter.fingerprint,
+                             encoder_fingerprint=fit.adapter.encoder_fingerprint,
+                             table_version=fit.adapter.provenance.get("table_version"))
+    if save:
+        folder = adapter_folder(collection.root)
+        save_adapter(fit.adapter, folder)
+        model.save(folder)
+    return fit.adapter, model, fit.report
+
+
+def collection_diagnosis(collection: Collection) -> tuple[Adapter | None, DiagnosisModel | None]:
+    """The stored adapter and diagnosis model of ``collection`` (None for what is missing);
+    :class:`~caselens.errors.AdapterMismatchError` when the model was fitted with another adapter
+    (refit both with :func:`fit_collection_diagnosis`)."""
+    adapter = collection_adapter(collection)
+    model = DiagnosisModel.load(adapter_folder(collection.root))
+    if model is not None and model.adapter_fingerprint != (adapter.fingerprint if adapter else None):
+        raise AdapterMismatchError(f"the diagnosis model of {collection.name!r} was fitted with adapter "
+                                   f"{model.adapter_fingerprint}, the collection now has {adapter.fingerprint if adapter else 'none'}: "
+                                   "fit the diagnosis model again")
+    return adapter, model

@@ -360,3 +360,12 @@ def test_adaptation_on_an_ingested_image_collection(home: Path, tmp_path: Path) 
     assert result.fold_protocol == "patient-disjoint" and result.collection == "imgs"
     with pytest.raises(Exception, match="no column"):
         read_labelled(col, "diagnosis")
+
+
+def test_metric_method_learns_a_projection_when_asked_for() -> None:
+    x, y = _clusters(20, 3, 10, spread=0.6, noise_dims=6, seed=2)
+    adapter, report = fit_adapter(x, list(y), encoder_fingerprint="enc-a", method="metric", folds=3,
+                                  grids={"metric": [{"weight_decay": 1.0}]})
+    assert report.chosen_method == "metric" and adapter.method == "metric"
+    assert report.chosen_p_at_k > report.raw_p_at_k
+    assert adapter.apply(x).shape == (60, adapter.out_dim)

@@ -239,3 +239,31 @@ def test_evaluate_diagnosis_never_scores_a_query_against_its_patient() -> None:
     patients = [f"p{i}" for i in range(n)] * 2
     result = evaluate_diagnosis_arrays(twins, labels, patients, folds=3, inner_folds=3)
     assert result.overall["accuracy"] < 0.6 and result.overall["p@10_raw"] < 0.6
+
+
+def test_fit_collection_diagnosis_stores_both_and_diagnoses_a_stored_case(home: Path) -> None:
+    from caselens.errors import AdapterMismatchError
+    from caselens.indexes.adapter import adapter_folder, save_adapter
+    from caselens.retrieval.adaptation.collection import remove_collection_adapter
+    from caselens.retrieval.diagnosis import collection_diagnosis, fit_collection_diagnosis
+
+    col = _collection(home)
+    adapter, model, report = fit_collection_diagnosis(col, "label", folds=3, save=True)
+    stored_adapter, stored_model = collection_diagnosis(col)
+    assert stored_adapter.fingerprint == adapter.fingerprint == model.adapter_fingerprint
+    assert stored_model.classes == ["covid", "normal", "pneumonia"] and stored_model.label_column == "label"
+    assert stored_model.table_version == col.version and report.n_labelled == 90
+    archive = ArchiveIndex.from_collection(col, "label", stored_adapter, metadata_columns=("sex",))
+    row = col.rows(columns=["id", "vector", "patient_id", "label"], limit=1).to_pylist()[0]
+    query = stored_adapter.apply(np.asarray(row["vector"], np.float32))[0]
+    result = diagnose(query, archive, stored_model, query_patient=row["patient_id"], query_id=row["id"])
+    assert result.supporting and all(c.id != row["id"] for c in result.supporting)
+    patients = dict(zip(archive.ids, archive.patients))
+    assert all(patients[c.id] != row["patient_id"] for c in result.supporting)
+    assert set(result.probabilities) == set(stored_model.classes) and "sex" in result.supporting[0].metadata
+    # a model fitted with another adapter is refused; removing the adapter removes the model too
+    save_adapter(type(adapter)("lda", adapter.encoder_fingerprint, adapter.in_dim, matrix=np.eye(adapter.in_dim)[:, :2]),
+                 adapter_folder(col.root))
+    with pytest.raises(AdapterMismatchError):
+        collection_diagnosis(col)
+    assert remove_collection_adapter(col) and collection_diagnosis(col) == (None, None)

@@ -36,7 +36,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "raw": [{}],
     "whiten": [{"dims": d, "eps": 0.01} for d in (32, 64, 128, 256)],
     "lda": [{"shrinkage": a, "dims": p, "offset": o, "power_weight": g}
-            for a in (0.03, 0.1, 0.2, 0.35, 0.5, 0.7) for p in ("all", 256) for o in (0.0, 1.0) for g in (0.0, 0.5)],
+            for a in (0.003, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7) for p in ("all", 256) for o in (0.0, 1.0)
+            for g in (0.0, 0.5, 1.0)],
     "metric": [{"weight_decay": wd} for wd in (0.3, 3.0)],
 }
 METHODS = tuple(GRIDS)

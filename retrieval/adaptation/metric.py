@@ -43,32 +43,46 @@ def metric_grid(basis: Basis, labels: np.ndarray, grid: list[dict[str, Any]], se
     x_all = torch.tensor(sub.coords, dtype=torch.float32)
     y_all = torch.tensor(y)
     out = []
-    for params in grid:
-        wd = float(params["weight_decay"])
-        w_init = torch.tensor(w0, dtype=torch.float32)
-        w = w_init.clone().requires_grad_(True)
-        log_scale = torch.tensor(float(np.log(10.0)), requires_grad=True)
-        opt = torch.optim.Adam([w, log_scale], lr=LEARNING_RATE)
-        norm0 = float((w_init ** 2).sum())
-        for _ in range(STEPS):
-            if len(y_all) > MAX_SAMPLE:
-                pick = torch.randperm(len(y_all), generator=gen)[:MAX_SAMPLE]
-                xb, yb = x_all[pick], y_all[pick]
-            else:
-                xb, yb = x_all, y_all
-            z = torch.nn.functional.normalize(xb @ w, dim=1)
-            s = (z @ z.T) * log_scale.exp()
-            s = s - torch.eye(len(yb)) * 1e4  # never one's own neighbour
-            logp = torch.log_softmax(s, dim=1)
-            same = yb[:, None] == yb[None, :]
-            loss = -torch.logsumexp(logp.masked_fill(~same, -1e4), dim=1).mean()
-            loss = loss + wd * ((w - w_init) ** 2).sum() / norm0
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        w_np = w.detach().numpy().astype(np.float64)
-        # back to encoder space: x -> (x - mean) @ V_r / (std + eps) @ W
-        matrix = (basis.directions[:, :r] / (std + 0.01 * std[0])) @ w_np
-        out.append(Projection("metric", dict(params), basis.mean.astype(np.float32), matrix.astype(np.float32),
-                              extra={"out_dim": int(matrix.shape[1]), "final_loss": round(float(loss), 4)}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small full-batch steps: one thread is faster than contending ones
+    try:
+        for params in grid:
+            out.append(_train(basis, sub, params, w0, x_all, y_all, gen, r, std))
+    finally:
+        torch.set_num_threads(threads)
     return out
+
+
+def _train(basis: Basis, sub: Basis, params: dict[str, Any], w0: np.ndarray, x_all: Any, y_all: Any, gen: Any,
+           r: int, std: np.ndarray) -> Projection:
+    """NCA steps from ``w0`` on the whitened coordinates ``x_all`` (see module docstring)."""
+    import torch
+
+    wd = float(params["weight_decay"])
+    w_init = torch.tensor(w0, dtype=torch.float32)
+    w = w_init.clone().requires_grad_(True)
+    log_scale = torch.tensor(float(np.log(10.0)), requires_grad=True)
+    opt = torch.optim.Adam([w, log_scale], lr=LEARNING_RATE)
+    norm0 = float((w_init ** 2).sum())
+    loss = torch.tensor(0.0)
+    for _ in range(STEPS):
+        if len(y_all) > MAX_SAMPLE:
+            pick = torch.randperm(len(y_all), generator=gen)[:MAX_SAMPLE]
+            xb, yb = x_all[pick], y_all[pick]
+        else:
+            xb, yb = x_all, y_all
+        z = torch.nn.functional.normalize(xb @ w, dim=1)
+        s = (z @ z.T) * log_scale.exp()
+        s = s - torch.eye(len(yb)) * 1e4  # never one's own neighbour
+        logp = torch.log_softmax(s, dim=1)
+        same = yb[:, None] == yb[None, :]
+        loss = -torch.logsumexp(logp.masked_fill(~same, -1e4), dim=1).mean()
+        loss = loss + wd * ((w - w_init) ** 2).sum() / norm0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w_np = w.detach().numpy().astype(np.float64)
+    # back to encoder space: x -> (x - mean) @ V_r / (std + eps) @ W
+    matrix = (basis.directions[:, :r] / (std + 0.01 * std[0])) @ w_np
+    return Projection("metric", dict(params), basis.mean.astype(np.float32), matrix.astype(np.float32),
+                      extra={"out_dim": int(matrix.shape[1]), "final_loss": round(float(loss.item()), 4)})
