@@ -39,7 +39,7 @@ from caselens.retrieval.calibration import (Calibrator, choose_calibrator, cover
                                             log_loss, threshold_for_precision)
 from caselens.retrieval.rag.context import citation_key, item_kind, sanitize
 
-VOTE_K = (1, 3, 5, 7, 10, 15, 20, 30, 50)
+VOTE_K = (3, 5, 7, 10, 15, 20, 30, 50)
 VOTE_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, math.inf)  # cosine units; inf: equal votes
 SMOOTHING = 0.02  # share of the class prior mixed into every vote
 TARGET_PRECISION = 0.9
@@ -393,7 +393,7 @@ def fit_collection_diagnosis(collection: Collection, label_column: str = "label"
     another."""
     fit = fit_collection(collection, label_column, method, folds, group_column=group_column, seed=seed, k=k,
                          progress=progress, keep_neighbours=depth)
-    nb, sims = fit.cv.neighbours[fit.report.chosen]
+    nb, sims = fit.neighbours
     model, _ = fit_diagnosis(fit.labels, nb, sims, fit.folds, target_precision=target_precision,
                              label_column=label_column, adapter_fingerprint=fit.adapter.fingerprint,
                              encoder_fingerprint=fit.adapter.encoder_fingerprint,

@@ -71,7 +71,7 @@ def read_labelled(collection: Collection, label_column: str = "label", group_col
 def fit_collection_adapter(collection: Collection, label_column: str = "label", method: str = AUTO, folds: int = 5,
                            *, group_column: str | None = PATIENT_COLUMN, seed: int = 0, k: int = 10,
                            save: bool = False, progress: Callable[[str], None] | None = None,
-                           keep_neighbours: int = 0) -> tuple[Adapter, AdapterReport]:
+                           ) -> tuple[Adapter, AdapterReport]:
     """Fit an adapter on ``collection``'s items labelled in ``label_column`` (folds grouped by
     ``group_column`` where the collection has it); see :func:`caselens.retrieval.adaptation.fit.fit_adapter`.
 
@@ -79,7 +79,7 @@ def fit_collection_adapter(collection: Collection, label_column: str = "label", 
     labelled items and classes, every candidate's cross-validated P@k and the encoder
     fingerprint. With ``save``, it is written to ``<collection>/adapter/`` (replacing any)."""
     fit = fit_collection(collection, label_column, method, folds, group_column=group_column, seed=seed, k=k,
-                         progress=progress, keep_neighbours=keep_neighbours)
+                         progress=progress)
     if save:
         save_adapter(fit.adapter, adapter_folder(collection.root))
     return fit.adapter, fit.report

@@ -88,9 +88,6 @@ class CrossValidation:
     candidates: dict[str, tuple[str, dict[str, Any]]]  # name -> (method, params)
     fold_scores: dict[str, list[float]]  # name -> mean P@k per fold
     query_scores: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # name -> P@k per item (fold order)
-    # name -> (indices into the labelled items, similarities), each (items, keep_neighbours): every
-    # item's nearest neighbours among the other folds' items, in that candidate's space (-1: none)
-    neighbours: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
 
     def mean(self, name: str) -> float:
         """Mean P@k over all queries (each item scored once)."""
@@ -107,19 +104,20 @@ class CrossValidation:
         se = float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("inf")
         return self.mean(name) - self.mean(over), se
 
+    def choices_without_each_fold(self, names: Sequence[str]) -> list[str]:
+        """For each fold (in order), the candidate of ``names`` with the best mean P@k over the
+        *other* folds: what choosing by cross-validation would pick without that fold's items."""
+        scores = np.array([self.fold_scores[n] for n in names])
+        return [names[int(np.argmax(np.delete(scores, f, axis=1).mean(1)))] for f in range(scores.shape[1])]
+
     def selection_gains(self, method: str | None = None, over: str = "raw") -> np.ndarray:
         """Per fold: the P@k gain over ``over`` of the candidate (of ``method``, when given) that the
         *other* folds' scores choose, on this fold. The maximum over many candidates is biased
         upwards (with labels that carry nothing, some candidate still beats raw by chance); this
         estimate of the whole choose-then-fit procedure is not, and costs no further fit."""
         names = [n for n, (m, _) in self.candidates.items() if method is None or m == method]
-        scores = np.array([self.fold_scores[n] for n in names])  # candidates x folds
         base = np.asarray(self.fold_scores[over])
-        gains = []
-        for f in range(scores.shape[1]):
-            others = np.delete(scores, f, axis=1).mean(1)
-            gains.append(scores[int(np.argmax(others)), f] - base[f])
-        return np.asarray(gains)
+        return np.array([self.fold_scores[name][f] - base[f] for f, name in enumerate(self.choices_without_each_fold(names))])
 
     def table(self) -> dict[str, float]:
         """Mean P@k per candidate, rounded (for reports and the stored provenance)."""
@@ -128,11 +126,9 @@ class CrossValidation:
 
 def cross_validate(vectors: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, folds: np.ndarray,
                    methods: Sequence[str] = AUTO_METHODS, grids: dict[str, list[dict[str, Any]]] | None = None,
-                   k: int = 10, progress: Callable[[str], None] | None = None,
-                   keep_neighbours: int = 0) -> CrossValidation:
+                   k: int = 10, progress: Callable[[str], None] | None = None) -> CrossValidation:
     """Score every candidate of ``methods`` (settings from ``grids``, default :data:`GRIDS`) by
-    P@k with the given fold numbers (labelled items only); with ``keep_neighbours``, also keep
-    that many out-of-fold neighbours of every item per candidate (for diagnosis fitting)."""
+    P@k with the given fold numbers (labelled items only)."""
     grids = {**GRIDS, **(grids or {})}
     x = np.asarray(vectors, np.float32)
     labels = np.asarray(labels, dtype=object)
@@ -142,9 +138,6 @@ def cross_validate(vectors: np.ndarray, labels: np.ndarray, groups: np.ndarray |
     fold_ids = sorted(set(np.asarray(folds).tolist()))
     fold_scores: dict[str, list[float]] = {n: [] for n in names}
     per_query: dict[str, np.ndarray] = {n: np.zeros(len(labels)) for n in names}
-    depth = max(k, keep_neighbours)
-    kept = {n: (np.full((len(labels), keep_neighbours), -1, np.int32), np.full((len(labels), keep_neighbours), -np.inf, np.float32))
-            for n in names} if keep_neighbours else {}
     for f in fold_ids:
         test = np.asarray(folds) == f
         train = ~test
@@ -157,17 +150,34 @@ def cross_validate(vectors: np.ndarray, labels: np.ndarray, groups: np.ndarray |
                 zq, za = proj.apply_coords(coords_q), proj.apply_coords(basis.coords)
             else:
                 zq, za = proj.apply(x[test]), proj.apply(x[train])
-            nb, sims = top_k(zq, za, depth, keys[test], keys[train])
-            p = precision_at_k(labels[test], labels[train], nb[:, :k])
+            nb, _ = top_k(zq, za, k, keys[test], keys[train])
+            p = precision_at_k(labels[test], labels[train], nb)
             fold_scores[proj.name].append(float(p.mean()))
             per_query[proj.name][test] = p
-            if keep_neighbours:
-                train_index = np.flatnonzero(train)
-                idx = np.where(nb[:, :keep_neighbours] >= 0, train_index[np.maximum(nb[:, :keep_neighbours], 0)], -1)
-                kept[proj.name][0][test] = idx
-                kept[proj.name][1][test] = sims[:, :keep_neighbours]
-    return CrossValidation(k=k, folds=len(fold_ids), candidates=names, fold_scores=fold_scores, query_scores=per_query,
-                           neighbours=kept)
+    return CrossValidation(k=k, folds=len(fold_ids), candidates=names, fold_scores=fold_scores, query_scores=per_query)
+
+
+def out_of_fold_neighbours(vectors: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: np.ndarray,
+                           cv: CrossValidation, names: Sequence[str], depth: int
+                           ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Each item's ``depth`` nearest items of the other folds (indices, -1: none; similarities),
+    in the space of the candidate that the other folds' scores choose among ``names``: the honest
+    out-of-fold picture of choosing then fitting (what a query meets), for fitting diagnosis."""
+    x = np.asarray(vectors, np.float32)
+    keys = group_keys(groups, len(labels))
+    fold_ids = sorted(set(np.asarray(folds).tolist()))
+    choices = cv.choices_without_each_fold(list(names)) if len(names) > 1 else [names[0]] * len(fold_ids)
+    nb_all = np.full((len(x), depth), -1, np.int64)
+    sims_all = np.full((len(x), depth), -np.inf, np.float32)
+    for f, name in zip(fold_ids, choices):
+        test = np.asarray(folds) == f
+        train = ~test
+        proj = fit_projections(x[train], labels[train], [cv.candidates[name]])[0]
+        nb, sims = top_k(proj.apply(x[test]), proj.apply(x[train]), depth, keys[test], keys[train])
+        train_index = np.flatnonzero(train)
+        nb_all[test] = np.where(nb >= 0, train_index[np.maximum(nb, 0)], -1)
+        sims_all[test] = sims
+    return nb_all, sims_all, choices
 
 
 @dataclass
@@ -217,6 +227,9 @@ class AdapterFit:
     labels: np.ndarray  # labels of those items (str)
     groups: np.ndarray  # patient keys of those items
     folds: np.ndarray  # fold number of those items
+    # with keep_neighbours: out_of_fold_neighbours() of the labelled items for the chosen method
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None
+    neighbour_choices: list[str] = field(default_factory=list)
 
 
 def select_adapter(vectors: np.ndarray, labels: Sequence[object], groups: Sequence[object] | None = None, *,
@@ -240,7 +253,7 @@ def select_adapter(vectors: np.ndarray, labels: Sequence[object], groups: Sequen
         raise AdaptationError(f"an adapter needs labelled items of at least two classes; found {len(y)} labelled "
                               f"item(s) of {len(classes)} class(es): label more items or check the label column")
     fold_ids = group_folds(y, g, folds, seed)
-    cv = cross_validate(x[mask], y, g, fold_ids, methods, grids, k, progress, keep_neighbours)
+    cv = cross_validate(x[mask], y, g, fold_ids, methods, grids, k, progress)
     raw_score = cv.mean("raw")
     best = cv.best(None if method == AUTO else method) if method != "raw" else "raw"
     gain, se = cv.gain(best)
@@ -280,7 +293,17 @@ def select_adapter(vectors: np.ndarray, labels: Sequence[object], groups: Sequen
     else:
         adapter = Adapter(method=m, encoder_fingerprint=encoder_fingerprint, in_dim=x.shape[1], mean=proj.mean,
                           matrix=proj.matrix, bias=proj.bias, power=proj.power, provenance=record)
-    return AdapterFit(adapter=adapter, report=report, cv=cv, labelled=mask, labels=y, groups=g, folds=fold_ids)
+    fit = AdapterFit(adapter=adapter, report=report, cv=cv, labelled=mask, labels=y, groups=g, folds=fold_ids)
+    if keep_neighbours:
+        if chosen == "raw":
+            names = ["raw"]
+        else:
+            names = [n for n, (mm, _) in cv.candidates.items() if mm != "raw" and (method == AUTO or mm == method)]
+        if progress:
+            progress(f"out-of-fold neighbours of {len(y)} items for diagnosis")
+        nb, sims, choices = out_of_fold_neighbours(x[mask], y, g, fold_ids, cv, names, keep_neighbours)
+        fit.neighbours, fit.neighbour_choices = (nb, sims), choices
+    return fit
 
 
 def fit_adapter(vectors: np.ndarray, labels: Sequence[object], groups: Sequence[object] | None = None, *,

@@ -124,7 +124,7 @@ def evaluate_diagnosis_arrays(vectors: np.ndarray, labels: Sequence[object], gro
     for of in outer_folds(x, y, g, folds=folds, seed=seed, fold_ids=given, method=method, inner_folds=inner_folds,
                           k=k, depth=depth, keep_neighbours=depth, progress=progress):
         fit = of.fit
-        nb, sims = fit.cv.neighbours[fit.report.chosen]
+        nb, sims = fit.neighbours
         model, _ = fit_diagnosis(fit.labels, nb, sims, fit.folds, target_precision=target_precision)
         q = of.queries
         nb_q, sims_q = of.adapted
