@@ -14,7 +14,7 @@ from PIL import Image
 from caselens.indexes.collection import Collection
 from caselens.retrieval.calibration import (Calibrator, choose_calibrator, expected_calibration_error, fit_calibrator,
                                             macro_auc, roc_auc, threshold_for_precision, with_top)
-from caselens.retrieval.diagnosis import (ArchiveIndex, DiagnosisModel, Neighbour, diagnose, fit_diagnosis,
+from caselens.retrieval.diagnosis import (ArchiveIndex, DiagnosisModel, diagnose, fit_diagnosis,
                                           guideline_passages, vote)
 from caselens.retrieval.eval.diagnosis_eval import age_band, evaluate_diagnosis, evaluate_diagnosis_arrays
 from caselens.retrieval.search import Hit

@@ -72,6 +72,18 @@ def outer_folds(vectors: np.ndarray, labels: Sequence[str], groups: Sequence[obj
                         adapted=(to_global(adapted[0]), adapted[1]), seconds=seconds)
 
 
+def labelled_rows(vectors: np.ndarray, labels: Sequence[object], groups: Sequence[object] | None,
+                  fold_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                               np.ndarray | None, np.ndarray]:
+    """(vectors, labels as str, groups, fold ids, mask) of the labelled rows: what the evaluations use."""
+    mask = labelled_mask(labels)
+    x = np.asarray(vectors, np.float32)[mask]
+    y = np.asarray([str(v) for v in np.asarray(labels, dtype=object)[mask]], dtype=object)
+    g = None if groups is None else np.asarray(groups, dtype=object)[mask]
+    given = None if fold_ids is None else np.asarray(fold_ids)[mask]
+    return x, y, g, given, mask
+
+
 @dataclass
 class AdaptedRetrievalEval:
     """P@k raw vs adapted, per fold and overall, and what each fold's archive chose."""
@@ -108,11 +120,7 @@ def evaluate_adaptation_arrays(vectors: np.ndarray, labels: Sequence[object], gr
     ``fold_ids``: a fold number per row (labelled rows only are used) instead of patient-disjoint
     folds; ``report_methods``: also report each of these methods with the settings its own
     inner cross-validation chose (what ``--method lda`` would give)."""
-    mask = labelled_mask(labels)
-    x = np.asarray(vectors, np.float32)[mask]
-    y = np.asarray([str(v) for v in np.asarray(labels, dtype=object)[mask]], dtype=object)
-    g = None if groups is None else np.asarray(groups, dtype=object)[mask]
-    given = None if fold_ids is None else np.asarray(fold_ids)[mask]
+    x, y, g, given, _ = labelled_rows(vectors, labels, groups, fold_ids)
     scores: dict[str, np.ndarray] = {name: np.full(len(y), np.nan) for name in ("raw", "adapted", *report_methods)}
     per_fold = []
     for of in outer_folds(x, y, g, folds=folds, seed=seed, fold_ids=given, method=method, inner_folds=inner_folds,

@@ -26,12 +26,12 @@ import numpy as np
 from caselens.files import atomic_write_bytes
 from caselens.indexes.collection import Collection
 from caselens.retrieval.adaptation.collection import PATIENT_COLUMN, read_labelled
-from caselens.retrieval.adaptation.fit import AUTO, labelled_mask
+from caselens.retrieval.adaptation.fit import AUTO
 from caselens.retrieval.adaptation.scoring import precision_at_k
 from caselens.retrieval.calibration import (coverage_curve, expected_calibration_error, log_loss, macro_auc,
                                             reliability, roc_curve, threshold_for_precision)
 from caselens.retrieval.diagnosis import TARGET_PRECISION, fit_diagnosis
-from caselens.retrieval.eval.adaptation_eval import outer_folds
+from caselens.retrieval.eval.adaptation_eval import labelled_rows, outer_folds
 
 # Columns read as subgroups when a collection has them (first match per kind).
 SUBGROUP_COLUMNS = {
@@ -106,11 +106,7 @@ def evaluate_diagnosis_arrays(vectors: np.ndarray, labels: Sequence[object], gro
                               progress: Callable[[str], None] | None = None) -> DiagnosisEval:
     """Cross-validated diagnosis on the labelled rows of ``vectors`` (module docstring);
     ``subgroups``: kind -> one value per row (e.g. {"sex": [...]})."""
-    mask = labelled_mask(labels)
-    x = np.asarray(vectors, np.float32)[mask]
-    y = np.asarray([str(v) for v in np.asarray(labels, dtype=object)[mask]], dtype=object)
-    g = None if groups is None else np.asarray(groups, dtype=object)[mask]
-    given = None if fold_ids is None else np.asarray(fold_ids)[mask]
+    x, y, g, given, mask = labelled_rows(vectors, labels, groups, fold_ids)
     classes = sorted(set(y.tolist()))
     where = {c: i for i, c in enumerate(classes)}
     truth = np.array([where[v] for v in y])
