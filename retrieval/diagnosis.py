@@ -39,7 +39,7 @@ from caselens.retrieval.calibration import (Calibrator, choose_calibrator, cover
                                             log_loss, threshold_for_precision)
 from caselens.retrieval.rag.context import citation_key, item_kind, sanitize
 
-VOTE_K = (3, 5, 7, 10, 15, 20, 30, 50)
+VOTE_K = (3, 5, 7, 10, 15, 20, 30, 50, 75, 100)
 VOTE_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, math.inf)  # cosine units; inf: equal votes
 SMOOTHING = 0.02  # share of the class prior mixed into every vote
 TARGET_PRECISION = 0.9

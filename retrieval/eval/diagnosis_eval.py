@@ -30,7 +30,7 @@ from caselens.retrieval.adaptation.fit import AUTO
 from caselens.retrieval.adaptation.scoring import precision_at_k
 from caselens.retrieval.calibration import (coverage_curve, expected_calibration_error, log_loss, macro_auc,
                                             reliability, roc_curve, threshold_for_precision)
-from caselens.retrieval.diagnosis import TARGET_PRECISION, fit_diagnosis
+from caselens.retrieval.diagnosis import TARGET_PRECISION, VOTE_K, fit_diagnosis
 from caselens.retrieval.eval.adaptation_eval import labelled_rows, outer_folds
 
 # Columns read as subgroups when a collection has them (first match per kind).
@@ -102,7 +102,7 @@ class DiagnosisEval:
 def evaluate_diagnosis_arrays(vectors: np.ndarray, labels: Sequence[object], groups: Sequence[object] | None = None,
                               subgroups: dict[str, Sequence[object]] | None = None, *, folds: int = 5, seed: int = 0,
                               fold_ids: np.ndarray | None = None, method: str = AUTO, inner_folds: int = 5,
-                              k: int = 10, depth: int = 50, target_precision: float = TARGET_PRECISION,
+                              k: int = 10, depth: int = max(VOTE_K), target_precision: float = TARGET_PRECISION,
                               progress: Callable[[str], None] | None = None) -> DiagnosisEval:
     """Cross-validated diagnosis on the labelled rows of ``vectors`` (module docstring);
     ``subgroups``: kind -> one value per row (e.g. {"sex": [...]})."""
