@@ -14,8 +14,8 @@ coverage vs accuracy at confidence thresholds, coverage at 90 % precision (best 
 with the thresholds each fold's archive chose), per class, and per subgroup where the data has
 the columns (covid_cases: sex, age band, view, modality).
 
-Writes ``benchmarks/results/diagnosis.json`` (summary + full results) and, per set and encoder,
-``benchmarks/results/diagnosis/<set>-<encoder>_{roc,reliability}.png`` with its JSON. Rerun::
+Writes ``benchmarks/results/diagnosis.json`` (summary + results without the ROC curves) and, per
+set and encoder, ``benchmarks/results/diagnosis/<set>-<encoder>{.json,_roc.png,_reliability.png}``. Rerun::
 
     nice -n 10 .venv/bin/python benchmarks/diagnosis.py
     nice -n 10 .venv/bin/python benchmarks/diagnosis.py --datasets covid_cases --encoders mnv3 concat3
@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                        "calibrators": [f["calibrator"] for f in res.per_fold], "k": [f["k"] for f in res.per_fold],
                        "seconds": round(time.perf_counter() - t, 1)}
             out["summary"][f"{data.name}/{key}"] = summary
-            out["results"][f"{data.name}/{key}"] = res.to_dict()
+            full = res.to_dict()
+            full.pop("roc")  # the curves are in the set's own JSON beside its plots
+            out["results"][f"{data.name}/{key}"] = full
             print(f"{data.name}/{key}: {json.dumps(summary)}", flush=True)
             out["elapsed_seconds"] = round(time.perf_counter() - started, 1)
             args.out.parent.mkdir(parents=True, exist_ok=True)
