@@ -83,3 +83,15 @@ class TableDamagedError(CaselensError, RuntimeError):
 
 class RunnerError(CaselensError, RuntimeError):
     """A distributed runner that cannot start: its engine is not installed or its cluster not reachable."""
+
+
+class AdapterMismatchError(EncoderMismatchError):
+    """An adapter fitted on vectors of another encoder than the collection's (or the query's)."""
+
+
+class AdapterIntegrityError(CaselensError, ValueError):
+    """A stored adapter whose record or arrays are missing, damaged or do not fit together."""
+
+
+class AdaptationError(CaselensError, ValueError):
+    """An adapter or diagnosis model that cannot be fitted from the labelled items given."""
