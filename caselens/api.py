@@ -18,7 +18,7 @@ for writers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # (what only some calls need is imported by them: a search st
 
     from caselens.indexes.index_choice import ChoiceConfig
     from caselens.ingest.pipeline import IngestReport
+    from caselens.retrieval.diagnosis import Diagnosis
+    from caselens.retrieval.eval.adaptation_eval import AdaptedRetrievalEval
+    from caselens.retrieval.eval.diagnosis_eval import DiagnosisEval
     from caselens.retrieval.eval.retrieval_eval import RetrievalEval
     from caselens.retrieval.rag import Answer
 
@@ -95,6 +98,7 @@ class Collection:
     def info(self) -> dict[str, Any]:
         """Encoder, item count, table version, columns and the derived indexes' stamps."""
         from caselens.indexes import bm25_index, faiss_index
+        from caselens.indexes.space import space_of
         from caselens.ingest.chunking import stored_chunking
 
         storage = self.storage
@@ -107,7 +111,7 @@ class Collection:
                 "faiss_index": None if stamp is None else {**stamp.summary(), "fresh": stamp.table_version == version},
                 "bm25_index": None if bm25 is None else {"table_version": bm25.table_version, "n_docs": bm25.n_docs,
                                                          "fresh": bm25.table_version == version},
-                "chunking": stored_chunking(storage) if count else None}
+                "chunking": stored_chunking(storage) if count else None, "space": space_of(storage).describe()}
 
     def ledger(self, run: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """Every input and its fate (accepted, duplicate, rejected with a reason, deleted)."""
@@ -159,11 +163,89 @@ class Collection:
                    image=image, config=AskConfig(**config))
 
     # --------------------------------------------------------------- evaluate
-    def evaluate(self, label_column: str = "label", k: int = 10, exclude_same: str | None = None) -> RetrievalEval:
-        """Leave-one-out image retrieval quality: P@1, P@k, mAP@k and kNN accuracy, per class."""
+    def evaluate(self, label_column: str = "label", k: int = 10, exclude_same: str | None = None,
+                 folds: int | None = None, method: str = "auto",
+                 progress: Callable[[str], None] | None = None) -> "RetrievalEval | AdaptedRetrievalEval":
+        """Image retrieval quality of the raw vectors, leave-one-out: P@1, P@k, mAP@k and kNN
+        accuracy, per class.
+
+        With ``folds`` (e.g. 5): raw vs adapted P@k without leakage instead: for each fold, an
+        adapter (``method``) is fitted on the other folds only (the archive), the fold's items
+        query the archive, and the queries' patients are kept out of both the fit and the ranking."""
+        if folds is not None:
+            from caselens.retrieval.eval.adaptation_eval import evaluate_adapted_retrieval
+
+            return evaluate_adapted_retrieval(self.storage, label_column, folds, method=method, k=k, progress=progress)
         from caselens.retrieval.eval.retrieval_eval import evaluate_retrieval
 
         return evaluate_retrieval(self.storage, label_column, k, exclude_same)
+
+    def evaluate_diagnosis(self, label_column: str = "label", folds: int = 5, *, method: str = "auto",
+                           out_dir: Path | str | None = None,
+                           progress: Callable[[str], None] | None = None) -> DiagnosisEval:
+        """Diagnosis by similar cases, cross-validated without leakage (adapter and diagnosis model
+        fitted on each fold's archive only): accuracy, balanced accuracy, macro AUC, calibration
+        error before/after calibration, coverage at the target precision, per class and per
+        subgroup. With ``out_dir``: the JSON and ROC / reliability plots written there."""
+        from caselens.retrieval.eval.diagnosis_eval import evaluate_diagnosis
+
+        return evaluate_diagnosis(self.storage, label_column, folds, method=method, out_dir=out_dir, progress=progress)
+
+    # ------------------------------------------------------------ adaptation
+    def adapt(self, label_column: str = "label", method: str = "auto", folds: int = 5, *,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Fit an adapter (a projection of the vectors chosen by patient-disjoint cross-validation
+        on the labelled items; ``auto`` keeps the raw vectors when nothing beats them) and the
+        diagnosis model (k, temperature and calibration chosen the same way), store both in the
+        collection, and rebuild the FAISS index in the adapted space. Every search after this
+        passes through the adapter; unlabelled items stay searchable. Returns what was chosen and
+        why, with the cross-validated P@10 raw and adapted."""
+        from caselens.indexes import derived
+        from caselens.indexes.adapter import save_adapter
+        from caselens.retrieval.diagnosis import fit_collection_diagnosis
+
+        storage = self.storage
+        # fitted without the lock (ingests go on; the adapter applies to rows added meanwhile too)
+        adapter, model, report = fit_collection_diagnosis(storage, label_column, method, folds, progress=progress)
+        with storage.lock.hold():  # stored and built into the index by one writer
+            save_adapter(adapter, storage.layout.adapter_dir)
+            model.save(storage.layout.adapter_dir)
+            if progress:
+                progress("building the index in the adapted space")
+            stamp = derived.refresh(storage)
+        reader_of(storage).invalidate()
+        return {"collection": self.name, "label_column": label_column, "adapter": adapter.method,
+                "adapter_fingerprint": adapter.fingerprint, "dim": adapter.out_dim, **report.to_dict(),
+                "diagnosis": {"k": model.k, "temperature": model.temperature, "calibrator": model.calibrator.kind,
+                              "threshold": model.threshold, "classes": model.classes},
+                "index": stamp.summary()}
+
+    def remove_adapter(self) -> bool:
+        """Remove the collection's adapter and diagnosis model and rebuild the index on the raw
+        vectors; False when there was none."""
+        from caselens.indexes import derived
+        from caselens.retrieval.adaptation.collection import remove_collection_adapter
+
+        storage = self.storage
+        with storage.lock.hold():
+            removed = remove_collection_adapter(storage)
+            if removed:
+                derived.refresh(storage)
+        reader_of(storage).invalidate()
+        return removed
+
+    def diagnose(self, image: ImageQuery | None = None, *, id: str | None = None,  # noqa: A002
+                 vector: np.ndarray | None = None, k: int | None = None, query_patient: str | None = None,
+                 knowledge: "Collection | None" = None, passages: int = 3) -> Diagnosis:
+        """Label probabilities for one query from the collection's similar cases (calibrated
+        similarity-weighted voting fitted by :meth:`adapt`): the diagnosis or an abstention with
+        its reason, the supporting cases, and with ``knowledge`` guideline passages for the top
+        candidates. The query item and its patient's cases never vote."""
+        from caselens.retrieval.diagnosis import diagnose_collection
+
+        return diagnose_collection(self.storage, image=image, item_id=id, vector=vector, k=k,
+                                   query_patient=query_patient,
+                                   knowledge=knowledge.storage if knowledge is not None else None, passages=passages)
 
     # ----------------------------------------------------------------- export
     def export_vectors(self, path: Path | str, columns: Sequence[str] | None = None) -> Path:

@@ -183,6 +183,8 @@ class _Quiet:
 # -------------------------------------------------------------------- eval
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     collection = _collection(args)
+    if args.folds is not None:
+        return _eval_adapted(args, collection)
     with console().status("ranking every labelled item against the rest…") if not args.json else _Quiet():
         result = collection.evaluate(args.label_column, args.k, args.exclude_same)
     _write_json_out(args.json_out, result.to_json())
@@ -196,6 +198,97 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
              + (f", excluding same {args.exclude_same}" if args.exclude_same else ""))
     console().print(table(title, ["class", "n", *metrics], rows))
     say(f"chance P@{args.k} (class prior): {result.chance_p_at_k:.3f}")
+    return EXIT_OK
+
+
+def _eval_adapted(args: argparse.Namespace, collection: Any) -> int:
+    result = collection.evaluate(args.label_column, args.k, folds=args.folds, method=args.method,
+                                 progress=None if args.json else say)
+    _write_json_out(args.json_out, result.to_json())
+    if args.json:
+        print(result.to_json())
+        return EXIT_OK
+    methods = list(result.overall)
+    rows = [[cls, int(v.get("n", 0)), f"{v['raw']:.3f}", f"{v['adapted']:.3f}"] for cls, v in result.per_class.items()]
+    console().print(table(f"P@{result.k}, {result.folds} folds ({result.fold_protocol}): {result.collection} "
+                          f"({result.encoder}); adapter ({result.method}) fitted on each fold's archive only",
+                          ["class", "n", "raw", "adapted"], rows))
+    say("overall: " + ", ".join(f"{m} {result.overall[m]:.3f} ± {result.fold_se.get(m, 0):.3f}" for m in methods)
+        + f"; chance {result.chance_p_at_k:.3f}")
+    for fold in result.per_fold:
+        say(f"fold {fold['fold']}: chose {fold['chosen']} (raw {fold['raw']:.3f} -> adapted {fold['adapted']:.3f})")
+    return EXIT_OK
+
+
+def cmd_eval_diagnosis(args: argparse.Namespace) -> int:
+    collection = _collection(args)
+    result = collection.evaluate_diagnosis(args.label_column, args.folds, method=args.method, out_dir=args.out,
+                                           progress=None if args.json else say)
+    _write_json_out(args.json_out, result.to_json())
+    if args.json:
+        print(result.to_json())
+        return EXIT_OK
+    o = result.overall
+
+    def fmt(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    rows = [[cls, v.get("n", ""), fmt(v.get("recall")), fmt(v.get("precision")), fmt(v.get("auc"))]
+            for cls, v in result.per_class.items()]
+    console().print(table(f"diagnosis by similar cases, {result.folds} folds: {result.collection} ({result.encoder})",
+                          ["class", "n", "recall", "precision", "AUC"], rows))
+    say(f"accuracy {fmt(o.get('accuracy'))} (chance {fmt(o.get('chance_accuracy'))}), balanced accuracy "
+        f"{fmt(o.get('balanced_accuracy'))}, macro AUC {fmt(o.get('macro_auc'))}; calibration error (ECE) "
+        f"{fmt(o.get('ece_before'))} -> {fmt(o.get('ece_after'))} after calibration")
+    covered = result.coverage.get(f"coverage_at_{result.target_precision:g}_precision")
+    if covered is not None:
+        say(f"at {result.target_precision:.0%} precision it answers {covered:.1%} of cases "
+            f"(confidence threshold {fmt(result.coverage.get('threshold_for_it'))})")
+    for path in result.files:
+        say(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    collection = _collection(args)
+    if args.remove:
+        removed = collection.remove_adapter()
+        say(f"{'removed the adapter of' if removed else 'no adapter to remove in'} {collection.name}; "
+            "searches use the raw vectors")
+        return EXIT_OK
+    out = collection.adapt(args.label_column, args.method, args.folds, progress=None if args.json else say)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return EXIT_OK
+    say(f"{collection.name}: {out['decision']}")
+    say(f"cross-validated P@{out['k']} ({out['folds']} folds, {out['n_labelled']} labelled items, {out['n_classes']} "
+        f"classes): raw {out['raw_p_at_k']:.3f} -> {out['chosen']} {out['chosen_p_at_k']:.3f}")
+    d = out["diagnosis"]
+    say(f"diagnosis: {d['k']} voters, temperature {d['temperature']}, calibration {d['calibrator']}, abstains below "
+        f"{'–' if d['threshold'] is None else format(d['threshold'], '.2f')}")
+    say(f"index rebuilt ({out['index']['factory']}, {out['dim']} dimensions); stored in {collection.path / 'adapter'}")
+    return EXIT_OK
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    collection = _collection(args)
+    knowledge = _collection(args, args.knowledge) if args.knowledge else None
+    result = collection.diagnose(args.image or args.dicom, id=args.id, k=args.k, query_patient=args.query_patient,
+                                 knowledge=knowledge)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return EXIT_OK
+    head = f"diagnosis: {result.label}" if not result.abstained else f"no diagnosis (abstained): {result.reason}"
+    say(f"{head}; most probable {result.top_label} at {result.confidence:.2f}")
+    rows = [[label, f"{p:.3f}", f"{result.uncalibrated.get(label, 0):.3f}"] for label, p in result.probabilities.items()]
+    console().print(table("label probabilities (calibrated; the vote before calibration)",
+                          ["label", "probability", "vote"], rows))
+    rows = [[c.key, c.label or "–", f"{c.similarity:.3f}", f"{c.weight:.3f}", c.metadata.get("modality") or "–"]
+            for c in result.supporting]
+    console().print(table(f"supporting cases (k={result.k}; the query's patient left out)",
+                          ["case", "label", "similarity", "vote share", "modality"], rows))
+    for p in result.passages:
+        say(f"[{p.key}] ({', '.join(p.candidates)}) {p.text[:160]}")
     return EXIT_OK
 
 
@@ -626,9 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-column", default="label")
     e.add_argument("--exclude-same", metavar="COLUMN", help="also leave out items sharing this value (patient_id)")
     e.add_argument("--k", type=int, default=10)
+    e.add_argument("--folds", type=int, metavar="N",
+                   help="raw vs adapted P@k over N patient-disjoint folds, the adapter fitted on each fold's archive only")
+    e.add_argument("--method", default="auto", help="adapter method with --folds (auto, whiten, lda, metric, raw)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
     e.set_defaults(func=cmd_eval_retrieval)
+
+    e = esub.add_parser("diagnosis", help="diagnosis by similar cases, cross-validated: accuracy, AUC, calibration, "
+                                          "coverage, per class and subgroup")
+    e.add_argument("collection")
+    e.add_argument("--label-column", default="label")
+    e.add_argument("--folds", type=int, default=5)
+    e.add_argument("--method", default="auto", help="adapter method (auto, whiten, lda, metric, raw)")
+    e.add_argument("--out", metavar="DIR", help="write diagnosis_eval.json, roc.png and reliability.png there")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
+    e.set_defaults(func=cmd_eval_diagnosis)
 
     e = esub.add_parser("text", help="gold-document retrieval (MIRAGE format): recall@k, nDCG@10 per task and mode")
     e.add_argument("collection")
@@ -652,6 +759,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--json-out", metavar="FILE")
     e.set_defaults(func=cmd_eval_qa)
+
+    s = sub.add_parser("adapt", help="fit an adapter and a diagnosis model on the collection's labels (chosen by "
+                                     "cross-validation) and rebuild its index in the adapted space")
+    s.add_argument("collection")
+    s.add_argument("--label-column", default="label")
+    s.add_argument("--method", default="auto", help="auto (chosen by cross-validation; keeps the raw vectors when "
+                                                    "nothing beats them), whiten, lda, metric or raw")
+    s.add_argument("--folds", type=int, default=5, help="patient-disjoint cross-validation folds")
+    s.add_argument("--remove", action="store_true", help="remove the adapter and diagnosis model instead")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_adapt)
+
+    s = sub.add_parser("diagnose", help="label probabilities for an image from the collection's similar cases "
+                                        "(after `caselens adapt`)")
+    s.add_argument("collection")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", metavar="PATH")
+    q.add_argument("--dicom", metavar="PATH")
+    q.add_argument("--id", metavar="ITEM_ID", help="a stored item (itself and its patient left out)")
+    s.add_argument("--k", type=int, help="voters (default: the number chosen by cross-validation)")
+    s.add_argument("--query-patient", metavar="ID", help="the query's patient id, whose cases are left out")
+    s.add_argument("--knowledge", metavar="COLLECTION", help="a text collection to find guideline passages in")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_diagnose)
 
     s = sub.add_parser("info", help="list collections, or describe one")
     s.add_argument("collection", nargs="?")

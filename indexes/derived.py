@@ -29,6 +29,7 @@ from caselens.errors import EncoderMismatchError, IndexIntegrityError
 from caselens.indexes import bm25_index, faiss_index
 from caselens.indexes.collection import Collection
 from caselens.indexes.index_choice import ChoiceConfig, choose_and_build, evaluate
+from caselens.indexes.space import VectorSpace, encoder_of, space_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ def full_build(collection: Collection, config: ChoiceConfig | None,
     from tqdm.auto import tqdm  # (imported by builds only: searches start sooner)
 
     version = collection.version
+    space = space_of(collection)
     row_ids, vecs = collection.vectors()
+    vecs = space.apply(vecs)
     bar = tqdm(total=len(row_ids), unit="vec", desc=f"index {collection.name}", disable=not progress)
 
     def tick(stage: str, count: int) -> None:
@@ -71,7 +74,7 @@ def full_build(collection: Collection, config: ChoiceConfig | None,
     record["config"] = config.to_dict()
     record["total_seconds"] = round(time.perf_counter() - start, 2)
     return faiss_index.write_index(index, collection.layout.faiss_dir, table_version=version,
-                                   encoder_fingerprint=collection.encoder["fingerprint"], factory=choice.factory,
+                                   encoder_fingerprint=space.fingerprint, factory=choice.factory,
                                    params=choice.params, choice=record, trained_on=len(row_ids))
 
 
@@ -83,6 +86,10 @@ def update_index(collection: Collection, index: faiss.Index,
     can help (an id was reused by a row that is tombstoned in the index).
     """
     version = collection.version
+    space = space_of(collection)
+    if stamp.encoder_fingerprint != space.fingerprint:  # the adapter was fitted, refitted or removed since
+        log.info("the index of %s is in another vector space (adapter changed); rebuilding", collection.name)
+        return None
     if stamp.table_version == version:
         return stamp
     table_rows = collection.row_ids()
@@ -98,7 +105,7 @@ def update_index(collection: Collection, index: faiss.Index,
         return faiss_index.restamp(collection.layout.faiss_dir, stamp, version)
     if len(to_add):
         rows, vectors = collection.vectors_for_rows(to_add)
-        faiss_index.add_vectors(index, vectors, rows)
+        faiss_index.add_vectors(index, space.apply(vectors), rows)
     tomb = faiss_index.remove_ids(index, to_remove)
     deleted = np.union1d(deleted, tomb)
     new = faiss_index.write_index(
@@ -125,7 +132,7 @@ def refresh(collection: Collection, *, rebuild: bool = False, config: ChoiceConf
             faiss_index.remove_stale_temporaries(folder)
         if not rebuild and config is None:
             try:
-                index, stamp = faiss_index.load_index(folder, collection.encoder["fingerprint"], cached=False)
+                index, stamp = faiss_index.load_index(folder, _stamped_space(collection), cached=False)
             except IndexIntegrityError as exc:
                 if faiss_index.read_stamp(folder) is not None:
                     log.warning("%s; rebuilding", exc)
@@ -140,6 +147,17 @@ def refresh(collection: Collection, *, rebuild: bool = False, config: ChoiceConf
                 if updated is not None:
                     return updated
         return full_build(collection, config, progress=progress)
+
+
+def _stamped_space(collection: Collection) -> str:
+    """The fingerprint to load the collection's index with: the one it is stamped with when that
+    is a space of the collection's encoder (raw or adapted: whether it is the current space is
+    decided by the caller), else the encoder's (so another encoder's index is refused)."""
+    encoder = str(collection.encoder["fingerprint"])
+    stamp = faiss_index.read_stamp(collection.layout.faiss_dir)
+    if stamp is not None and encoder_of(stamp.encoder_fingerprint) == encoder:
+        return stamp.encoder_fingerprint
+    return encoder
 
 
 def has_text(collection: Collection) -> bool:
@@ -202,16 +220,23 @@ def mmap_wanted(collection: Collection, stamp: faiss_index.IndexStamp | None) ->
         return False
 
 
-def load_for_read(collection: Collection) -> tuple[faiss.Index, faiss_index.IndexStamp] | None:
+def load_for_read(collection: Collection,
+                  space: VectorSpace | None = None) -> tuple[faiss.Index, faiss_index.IndexStamp] | None:
     """The last stamped FAISS index of ``collection`` and its stamp, whatever table version it
     was stamped with, without the write lock; None when there is none or it is damaged (logged:
     the reader then ranks exactly until a writer rebuilds it). A file replaced by a writer while
-    it was read is read again. :class:`EncoderMismatchError` when it came from another encoder."""
+    it was read is read again. :class:`EncoderMismatchError` when it came from another encoder;
+    None when it is in another vector space than ``space`` (default: the collection's current
+    one, :func:`~caselens.indexes.space.space_of`): an adapter fitted, refitted or removed since."""
     folder = collection.layout.faiss_dir
-    fingerprint = collection.encoder["fingerprint"]
+    fingerprint = space.fingerprint if space is not None else space_of(collection).fingerprint
     for _ in range(5):
         stamp = faiss_index.read_stamp(folder)
         if stamp is None:
+            return None
+        if stamp.encoder_fingerprint != fingerprint and encoder_of(stamp.encoder_fingerprint) == encoder_of(fingerprint):
+            log.info("the index of %s is in another vector space than its adapter's; ranking exactly until "
+                     "`caselens index %s` rebuilds it", collection.name, collection.name)
             return None
         try:
             loaded = faiss_index.load_index(folder, fingerprint, mmap=mmap_wanted(collection, stamp), stamp=stamp)
@@ -291,8 +316,10 @@ def optimize(collection: Collection, config: ChoiceConfig | None = None, force: 
         collection.compact()
         stamp = refresh(collection)  # bring up to date first
         cfg = config or stored_config(stamp)
-        index, stamp = faiss_index.load_index(collection.layout.faiss_dir, collection.encoder["fingerprint"])
+        space = space_of(collection)
+        index, stamp = faiss_index.load_index(collection.layout.faiss_dir, space.fingerprint)
         rows, vecs = collection.vectors()
+        vecs = space.apply(vecs)
         recall = evaluate(index, vecs, rows, cfg, stamp.params, stamp.deleted) if len(rows) > 1 else 1.0
         growth = stamp.added_since_build / max(1, stamp.trained_on)
         tomb = len(stamp.deleted) / max(1, stamp.ntotal)
@@ -413,7 +440,7 @@ def _exact_index_vectors(collection: Collection) -> Any:
     or None when the index keeps none."""
     try:
         index, _ = faiss_index.load_index(collection.layout.faiss_dir, collection.encoder["fingerprint"], cached=False)
-    except (IndexIntegrityError, EncoderMismatchError, OSError):
+    except (IndexIntegrityError, EncoderMismatchError, OSError):  # (an adapted index keeps adapted vectors: none)
         return None
     kept = index_vectors(index)
     if kept is None or not kept[2]:
@@ -554,11 +581,16 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
                 report.index_problems.append("no FAISS index")
                 return
             try:
-                index, stamp = faiss_index.load_index(collection.layout.faiss_dir, collection.encoder["fingerprint"],
-                                                      cached=False)
-            except Exception as exc:  # EncoderMismatchError / IndexIntegrityError: both mean rebuild
+                space = space_of(collection)
+                index, stamp = faiss_index.load_index(collection.layout.faiss_dir, space.fingerprint, cached=False)
+            except Exception as exc:  # EncoderMismatchError / IndexIntegrityError / adapter errors: all mean rebuild
                 report.index_problems.append(str(exc).split(";")[0])
                 return
+            space_vecs = vecs
+            if space.adapted:  # the index holds adapted vectors: compare and search in that space
+                space_vecs = np.zeros((len(vecs), space.dim), np.float32)
+                if good.any():
+                    space_vecs[good] = space.apply(vecs[good])
             if not faiss_index.verify_lists(collection.layout.faiss_dir, stamp):
                 report.index_problems.append("the index's on-disk inverted lists do not match its stamp")
             if stamp.table_version != items_check.version:
@@ -570,9 +602,9 @@ def verify(collection: Collection, repair: bool = False, sample: int | None = No
                 report.index_problems.append(f"{len(extra)} index entries have no table row")
             if len(absent):
                 report.index_problems.append(f"{len(absent)} table rows are not in the index")
-            _compare_with_index(report, index, rows, vecs, good, ids)
+            _compare_with_index(report, index, rows, space_vecs, good, ids, recomputed=space.adapted)
             if len(rows) and not report.index_problems:
-                _self_search(report, index, stamp, rows, vecs, good, sample, k)
+                _self_search(report, index, stamp, rows, space_vecs, good, sample, k)
 
         if unusable:
             report.notes.append("the rows of files that cannot be read count as missing, and the index was not "
@@ -625,7 +657,7 @@ def _runs_of(ledger_rows: Any, ids: set[str]) -> dict[str, int]:
 def _index_next_row(collection: Collection) -> int:
     """One past the largest row number the FAISS index holds (0 without a readable index)."""
     try:
-        index, _ = faiss_index.load_index(collection.layout.faiss_dir, collection.encoder["fingerprint"], cached=False)
+        index, _ = faiss_index.load_index(collection.layout.faiss_dir, _stamped_space(collection), cached=False)
     except (IndexIntegrityError, EncoderMismatchError, OSError):
         return 0
     ids = faiss_index.index_ids(index)
@@ -655,8 +687,10 @@ def _record_phantoms(collection: Collection, ledger_rows: Any, table: Any, phant
 
 
 def _compare_with_index(report: VerifyReport, index: faiss.Index, rows: np.ndarray, vecs: np.ndarray,
-                        good: np.ndarray, ids: list[str]) -> None:
-    """Compare the table's vectors with the copy the index keeps (where it keeps one)."""
+                        good: np.ndarray, ids: list[str], recomputed: bool = False) -> None:
+    """Compare the table's vectors with the copy the index keeps (where it keeps one).
+    ``recomputed``: ``vecs`` were computed again (adapted) here, so equal means equal to float
+    rounding, not bit for bit."""
     kept = index_vectors(index, copy=False)
     if kept is None:
         return
@@ -669,8 +703,10 @@ def _compare_with_index(report: VerifyReport, index: faiss.Index, rows: np.ndarr
         return
     mine = vecs[found]
     theirs = index_vecs[order[pos[found]]]
-    if exact:
+    if exact and not recomputed:
         differ = (mine != theirs).any(axis=1)
+    elif exact:
+        differ = ~np.isclose(mine, theirs, rtol=1e-4, atol=1e-5).all(axis=1)
     else:  # a scalar quantiser keeps each component to ~1/255 of its range
         norms = np.linalg.norm(mine, axis=1) * np.linalg.norm(theirs, axis=1)
         cosine = (mine * theirs).sum(axis=1) / np.maximum(norms, 1e-12)

@@ -35,6 +35,8 @@ import numpy as np
 from caselens.cluster import connect, ray_module
 from caselens.files import atomic_write_bytes, sha256_file
 from caselens.indexes import faiss_index, fragments
+from caselens.indexes.adapter import load_adapter
+from caselens.indexes.space import space_of
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,12 @@ def _train(sample: np.ndarray, factory: str) -> np.ndarray:
 
 
 def _add_shard(uri: str, version: int, pieces: list[tuple[int, int, int]], trained: np.ndarray,
-               path: str) -> tuple[str, int]:
+               path: str, adapter_dir: str | None = None, encoder_fingerprint: str = "") -> tuple[str, int]:
     rows, vectors = fragments.read_vectors(uri, version, pieces)
+    if adapter_dir is not None:  # the collection is searched through its adapter: index adapted vectors
+        adapter = load_adapter(adapter_dir, encoder_fingerprint)
+        if adapter is not None:
+            vectors = adapter.apply(vectors)
     faiss_index.write_ivf_shard(faiss.deserialize_index(trained), vectors, rows, Path(path))
     return path, len(rows)
 
@@ -125,6 +131,7 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
     start = time.perf_counter()
     with collection.lock.hold():
         version = collection.version
+        space = space_of(collection)
         uri = str(collection.items_path)
         counts = [(fid, n) for fid, n in fragments.fragment_rows_at(uri, version) if n]
         total = sum(n for _, n in counts)
@@ -136,7 +143,8 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
         options = {"num_cpus": config.cpus_per_task, "num_gpus": config.gpus_per_task or None}
         previous = faiss_index.read_stamp(folder)
         kept = (previous.choice or {}).get("trained") if previous is not None else None
-        if not retrain and kept and previous.factory == factory and (folder / kept).exists():
+        if (not retrain and kept and previous.factory == factory and previous.encoder_fingerprint == space.fingerprint
+                and (folder / kept).exists()):
             trained_bytes = np.fromfile(folder / kept, np.uint8)
             trained_name = kept
         else:
@@ -144,6 +152,7 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
             if len(positions) < lists:
                 raise ValueError(f"{factory} needs at least {lists} vectors to train; the collection has {total}")
             _, sample = collection.vectors_for_rows(np.sort(collection.row_ids())[positions])
+            sample = space.apply(sample)
             trained_bytes = ray.get(ray.remote(_train).options(**options).remote(sample, factory))
             trained_name = f"trained-v{version}-{tag}.faiss"
             atomic_write_bytes(folder / trained_name, trained_bytes)
@@ -156,7 +165,9 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
         try:
             task = ray.remote(_add_shard).options(**options)
             groups = plan_shards(counts, n_shards)
-            done = ray.get([task.remote(uri, version, g, trained_ref, str(work / f"shard_{i:05d}.faiss"))
+            adapter_dir = str(collection.layout.adapter_dir) if space.adapted else None
+            done = ray.get([task.remote(uri, version, g, trained_ref, str(work / f"shard_{i:05d}.faiss"),
+                                        adapter_dir, space.encoder_fingerprint)
                             for i, g in enumerate(groups)])
             added_at = time.perf_counter()
             trained = faiss.deserialize_index(trained_bytes)
@@ -171,7 +182,7 @@ def build(collection: Any, config: RayIndexConfig | None = None, *, retrain: boo
                   "train_seconds": round(trained_at - start, 2), "add_seconds": round(added_at - trained_at, 2),
                   "merge_seconds": round(merged_at - added_at, 2), "total_seconds": round(time.perf_counter() - start, 2)}
         stamp = faiss_index.write_index(merged, folder, table_version=version,
-                                        encoder_fingerprint=collection.encoder["fingerprint"], factory=factory,
+                                        encoder_fingerprint=space.fingerprint, factory=factory,
                                         params={"nprobe": nprobe}, choice=choice, trained_on=total)
         for old in [*folder.glob("index-v*.ivfdata"), *folder.glob("trained-v*.faiss")]:
             if old.name not in (ivfdata.name, trained_name):  # files of earlier builds: no stamp names them now

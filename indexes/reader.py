@@ -14,6 +14,12 @@ So a search started during an ingest sees every row committed before it began. R
 never reused (``Collection`` keeps a high-water mark), which makes "in the index" and "in the
 snapshot" comparable by number alone. With no usable index, every row is ranked exactly (and a
 warning says to run ``caselens index``).
+
+A collection with an adapter is ranked in the adapter's space (:mod:`caselens.indexes.space`):
+the index holds adapted vectors, the rows since are adapted when read, and :meth:`ReadView.rank`
+adapts each query, so every kind of query (image, text, a stored item's vector) passes through
+the same adapter. A new adapter is picked up at the next search (its record file is probed like
+the index stamp); an index of another space is not read meanwhile (rows rank exactly).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from caselens.indexes import faiss_index, subset_index
 from caselens.indexes.collection import Collection
 from caselens.indexes.derived import load_for_read
 from caselens.indexes.snapshot import Selection, Snapshot, SnapshotReader
+from caselens.indexes.space import VectorSpace, record_key, space_of
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +104,8 @@ class ReadView:
     stamp: faiss_index.IndexStamp | None
     excluded: list[int]  # ids in the index that must never rank (tombstones, rows not in the snapshot)
     delta_rows: np.ndarray  # sorted rows of the snapshot the index does not hold
-    delta_vectors: np.ndarray  # their vectors, same order
+    delta_vectors: np.ndarray  # their vectors (in ``space``), same order
+    space: VectorSpace  # where vectors are compared: the encoder's, or the collection's adapter's
     live: np.ndarray | None = None  # sorted ids the index serves (kept for the next view of the same index)
     memo: _Memo = field(default_factory=lambda: _Memo(FILTER_MEMO_BYTES), repr=False)
 
@@ -106,9 +114,19 @@ class ReadView:
         self.complete = self.stamp is not None and self.stamp.table_version == self.snapshot.version
 
     def rank(self, query: np.ndarray, k: int, allowed: np.ndarray | Selection | None = None) -> list[tuple[float, int]]:
-        """Top-``k`` (cosine, row) for one unit ``query`` among the snapshot's rows (only the
-        ``allowed`` rows when given: sorted row numbers, or a :class:`Selection` of this
-        snapshot, whose plan is then kept for the next search with it)."""
+        """Top-``k`` (cosine, row) for one unit ``query`` of the collection's encoder among the
+        snapshot's rows (only the ``allowed`` rows when given: sorted row numbers, or a
+        :class:`Selection` of this snapshot, whose plan is then kept for the next search with it).
+        The query passes through the collection's adapter here when it has one."""
+        query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+        if self.space.adapted:
+            query = self.space.apply(query)
+        return self.rank_in_space(query, k, allowed)
+
+    def rank_in_space(self, query: np.ndarray, k: int,
+                      allowed: np.ndarray | Selection | None = None) -> list[tuple[float, int]]:
+        """:meth:`rank` for a ``query`` already in this view's :attr:`space` (adapted when the
+        collection has an adapter)."""
         query = np.ascontiguousarray(query, np.float32).reshape(1, -1)
         if allowed is not None:
             return self._rank_filtered(query, k, allowed)
@@ -174,6 +192,7 @@ class ReadView:
             vectors = faiss_index.stored_vectors(index, indexed)
             if vectors is None:  # a graph over compressed vectors: read them from the table
                 indexed, vectors = self.snapshot.vectors(indexed)
+                vectors = self.space.apply(vectors)
             return _Plan("exact", rows=indexed, vectors=vectors, nbytes=indexed.nbytes + vectors.nbytes)
         ivf = subset_index.supports(index)
         size = subset_index.subset_bytes(index, len(indexed)) if ivf else 0
@@ -256,14 +275,14 @@ def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[float, int]
 
 
 def _view(snapshot: Snapshot, loaded: tuple[Any, faiss_index.IndexStamp] | None,
-          previous: ReadView | None) -> ReadView:
+          previous: ReadView | None, space: VectorSpace) -> ReadView:
     if loaded is None:  # no usable index: every row ranks exactly
         rows, vectors = snapshot.vectors(snapshot.rows)
-        return ReadView(snapshot, None, None, [], rows, vectors)
+        return ReadView(snapshot, None, None, [], rows, space.apply(vectors), space)
     index, stamp = loaded
     if stamp.table_version == snapshot.version:  # the index holds exactly this version's rows
         return ReadView(snapshot, index, stamp, list(stamp.deleted), np.zeros(0, np.int64),
-                        np.zeros((0, snapshot.dim), np.float32))
+                        np.zeros((0, space.dim), np.float32), space)
     if previous is not None and previous.index is index and previous.live is not None:
         live = previous.live  # the index's live ids: listed once per loaded index, not per write
     else:
@@ -273,15 +292,16 @@ def _view(snapshot: Snapshot, loaded: tuple[Any, faiss_index.IndexStamp] | None,
     present = np.zeros(max(snapshot.max_row, int(live[-1]) if len(live) else -1) + 1, bool)
     present[live] = True
     delta = snapshot.rows[~present[snapshot.rows]]  # (linear time: no sort of a million rows per write)
-    have_rows, have_vectors = np.zeros(0, np.int64), np.zeros((0, snapshot.dim), np.float32)
-    if previous is not None and previous.stamp is not None and previous.stamp.checksum == stamp.checksum:
+    have_rows, have_vectors = np.zeros(0, np.int64), np.zeros((0, space.dim), np.float32)
+    if (previous is not None and previous.stamp is not None and previous.stamp.checksum == stamp.checksum
+            and previous.space is space):
         keep = np.isin(previous.delta_rows, delta, assume_unique=True)  # read once, kept while valid
         have_rows, have_vectors = previous.delta_rows[keep], previous.delta_vectors[keep]
     need = np.setdiff1d(delta, have_rows, assume_unique=True)
     rows, vectors = snapshot.vectors(need)
-    rows, vectors = np.concatenate([have_rows, rows]), np.concatenate([have_vectors, vectors])
+    rows, vectors = np.concatenate([have_rows, rows]), np.concatenate([have_vectors, space.apply(vectors)])
     order = np.argsort(rows, kind="stable")
-    return ReadView(snapshot, index, stamp, excluded, rows[order], vectors[order], live=live)
+    return ReadView(snapshot, index, stamp, excluded, rows[order], vectors[order], space, live=live)
 
 
 class Reader:
@@ -293,6 +313,8 @@ class Reader:
         self._lock = threading.Lock()
         self._loaded: tuple[Any, faiss_index.IndexStamp] | None = None
         self._stamp_key: tuple | None = None  # (inode, mtime, size) of the stamp file last loaded
+        self._space: VectorSpace | None = None  # the vector space of the loaded index
+        self._space_key: tuple | None = None  # (inode, mtime, size) of the adapter record it came from
         self._view: ReadView | None = None
         self._warned = False
         self._stamp_file = str(collection.layout.faiss_dir / faiss_index.STAMP_FILE)
@@ -303,6 +325,7 @@ class Reader:
         with self._lock:
             self.snapshots.invalidate()
             self._loaded, self._stamp_key, self._view = None, None, None
+            self._space, self._space_key = None, None
 
     def snapshot(self) -> Snapshot:
         """The snapshot of the latest committed version."""
@@ -315,18 +338,25 @@ class Reader:
         index's stamp file is looked at whenever the snapshot changed or the index does not
         hold exactly the snapshot's rows (a writer will stamp a newer one); an index that does
         is the best there is for that version (a rebuild of the same version, e.g. by
-        ``caselens optimize``, is picked up within :data:`STAMP_RECHECK_S`)."""
+        ``caselens optimize``, is picked up within :data:`STAMP_RECHECK_S`). The adapter's record
+        is probed on every call: a new adapter (or its removal) applies from the next search."""
         snapshot = self.snapshots.current()
         view = self._view
-        if view is not None and view.snapshot is snapshot and view.complete and monotonic() < self._recheck_at:
+        space_key = record_key(self.collection)  # (one stat: a new adapter is used from the next search on)
+        if (view is not None and view.snapshot is snapshot and view.complete and monotonic() < self._recheck_at
+                and space_key == self._space_key):
             return view
         key = faiss_index.file_key(self._stamp_file)
-        if view is not None and view.snapshot is snapshot and key == self._stamp_key and key is not None:
+        if (view is not None and view.snapshot is snapshot and key == self._stamp_key and key is not None
+                and space_key == self._space_key):
             self._recheck_at = monotonic() + STAMP_RECHECK_S
             return view
         with self._lock:
+            if self._space is None or space_key != self._space_key:  # an adapter fitted, refitted or removed
+                self._space, self._space_key = space_of(self.collection), space_key
+                self._stamp_key, self._view = None, None
             if key != self._stamp_key or key is None:  # a writer stamped a new index (or none yet)
-                self._loaded = load_for_read(self.collection)
+                self._loaded = load_for_read(self.collection, self._space)
                 self._stamp_key = key  # a damaged index is read again only once a writer replaces it
                 if self._loaded is None and not self._warned and len(snapshot):
                     log.info("collection %s has no usable FAISS index; ranking exactly (build one with "
@@ -334,7 +364,7 @@ class Reader:
                     self._warned = True
             view = self._view
             if view is None or view.snapshot is not snapshot or view.stamp is not (self._loaded or (None, None))[1]:
-                view = _view(snapshot, self._loaded, view)
+                view = _view(snapshot, self._loaded, view, self._space)
                 self._view = view
             self._recheck_at = monotonic() + STAMP_RECHECK_S
             return view

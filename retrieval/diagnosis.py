@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,11 +33,13 @@ from caselens.errors import AdaptationError, AdapterMismatchError, BadVectorErro
 from caselens.files import atomic_write_bytes
 from caselens.indexes.adapter import Adapter, adapter_folder, save_adapter
 from caselens.indexes.collection import Collection
+from caselens.indexes.reader import reader_of
 from caselens.retrieval.adaptation.collection import PATIENT_COLUMN, collection_adapter, fit_collection, read_labelled
 from caselens.retrieval.adaptation.fit import AUTO, AdapterReport
 from caselens.retrieval.calibration import (Calibrator, choose_calibrator, coverage_curve, expected_calibration_error,
                                             log_loss, threshold_for_precision)
 from caselens.retrieval.rag.context import citation_key, item_kind, sanitize
+from caselens.retrieval.search import hits_for_rows, predicate, prepare_query, search
 
 VOTE_K = (3, 5, 7, 10, 15, 20, 30, 50, 75, 100)
 VOTE_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, math.inf)  # cosine units; inf: equal votes
@@ -416,3 +418,57 @@ def collection_diagnosis(collection: Collection) -> tuple[Adapter | None, Diagno
                                    f"{model.adapter_fingerprint}, the collection now has {adapter.fingerprint if adapter else 'none'}: "
                                    "fit the diagnosis model again")
     return adapter, model
+
+
+def _label_of(hit: Any, label_column: str) -> str | None:
+    value = hit.label if label_column == "label" else hit.metadata.get(label_column)
+    return None if value is None or str(value).strip() == "" else str(value)
+
+
+def diagnose_collection(collection: Collection, *, image: Any = None, item_id: str | None = None,
+                        vector: np.ndarray | None = None, query_patient: str | None = None, k: int | None = None,
+                        supporting: int | None = None, min_confidence: float | None = None,
+                        knowledge: Collection | None = None, passages: int = 3) -> Diagnosis:
+    """Diagnose one query (an image path, uploaded bytes or PIL image; a stored item's id; or a
+    vector of the collection's encoder) from ``collection``'s similar cases, with the diagnosis
+    model stored by :func:`fit_collection_diagnosis` (``caselens adapt``).
+
+    The cases are found through the collection's reader (its FAISS index in the adapter's space,
+    the rows since ranked exactly; never the write lock). The query's own item and every case of
+    its patient (from the stored item, the DICOM file, or ``query_patient``, an unpseudonymised
+    patient id) are left out. ``k`` overrides the model's number of voters. With ``knowledge`` (a
+    text collection), guideline passages for the top candidate labels come with citation keys.
+    :class:`~caselens.errors.AdaptationError` when the collection has no diagnosis model."""
+    _, model = collection_diagnosis(collection)
+    if model is None:
+        raise AdaptationError(f"collection {collection.name!r} has no diagnosis model; fit one with "
+                              f"`caselens adapt {collection.name} --label-column LABEL` (Collection.adapt)")
+    if k is not None:
+        if k < 1:
+            raise AdaptationError(f"k must be at least 1, got {k}")
+        model = replace(model, k=int(k))
+    view = reader_of(collection).view()
+    snapshot = view.snapshot
+    has_patient = PATIENT_COLUMN in snapshot.columns
+    query = prepare_query(collection, view, image=image, item_id=item_id, vector=vector,
+                          exclude_same=PATIENT_COLUMN if has_patient else None, query_patient=query_patient,
+                          exclude_self=True, require_exclusion=False)
+    patient = query.exclude.get(PATIENT_COLUMN)
+    label_column = model.label_column
+
+    def search_cases(vec: np.ndarray, n: int, exclude_patient: str | None) -> list[Neighbour]:
+        exclude = {PATIENT_COLUMN: exclude_patient} if exclude_patient is not None and has_patient else None
+        where = predicate(collection, snapshot, None, exclude, query.exclude_ids or None)
+        found = view.rank_in_space(vec, n, snapshot.selection(where) if where else None)
+        return [Neighbour(h.id, float(h.score), _label_of(h, label_column), h.metadata.get(PATIENT_COLUMN),
+                          {**{c: v for c, v in h.metadata.items() if c != PATIENT_COLUMN},
+                           "source": h.source, "kind": h.kind})
+                for h in hits_for_rows(snapshot, found)]
+
+    q = view.space.apply(query.vector)[0]
+    result = diagnose(q, search_cases, model, query_patient=patient, query_id=query.stored_id,
+                      min_confidence=min_confidence, supporting=supporting)
+    if knowledge is not None and passages > 0:
+        result.passages = guideline_passages(
+            result.candidates(), lambda text, n: search(knowledge, text=text, k=n, mode="hybrid").hits, k=passages)
+    return result

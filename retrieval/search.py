@@ -276,41 +276,34 @@ def _shape(collection: Collection, vectors: np.ndarray) -> np.ndarray:
     return vectors
 
 
-def search(collection: Collection, *, image: ImageQuery | None = None, text: str | None = None,
-           vector: np.ndarray | None = None, item_id: str | None = None, k: int = 10, where: str | None = None,
-           exclude_same: str | None = None, query_patient: str | None = None, exclude_self: bool = False,
-           mode: str = "dense") -> SearchResult:
-    """Search ``collection`` with exactly one query: an ``image`` (path, uploaded bytes or PIL image),
-    a ``text``, a ``vector`` or a stored item's ``item_id`` (the item itself is left out).
+@dataclass
+class PreparedQuery:
+    """One query made ready for ranking: its vector (of the collection's encoder; the reader adapts
+    it), what it is, and what it leaves out."""
 
-    ``exclude_same`` names a column (e.g. ``patient_id``) whose value the query shares with items
-    to leave out: taken from the stored item when the query is in the collection, else from the
-    query file (DICOM), else from ``query_patient`` (a patient id of an outside query,
-    pseudonymised with the collection's key). ``exclude_self`` leaves out the stored copy of a
-    query image. Text queries rank by ``mode``: "dense" (the encoder), "bm25" (keywords) or
-    "hybrid" (both, fused)."""
+    vector: np.ndarray
+    desc: str  # what the query is, for results ("image x.png", "item <id>", "text '...'")
+    encoder_spec: str
+    stored_id: str | None  # its item id when the query is (a copy of) a stored item
+    exclude: dict[str, Any] = field(default_factory=dict)  # column -> value whose rows are left out
+    exclude_ids: list[str] = field(default_factory=list)  # items left out (the query itself)
+
+
+def prepare_query(collection: Collection, view: ReadView, *, image: ImageQuery | None = None, text: str | None = None,
+                  vector: np.ndarray | None = None, item_id: str | None = None, exclude_same: str | None = None,
+                  query_patient: str | None = None, exclude_self: bool = False,
+                  require_exclusion: bool = True) -> PreparedQuery:
+    """Embed or look up exactly one query in ``view``'s snapshot and work out its exclusions (see
+    :func:`search`). With ``require_exclusion`` False, an ``exclude_same`` value that cannot be
+    known leaves nothing out instead of raising :class:`ExclusionUnknownError`."""
     given = [name for name, q in (("image", image), ("text", text), ("vector", vector), ("id", item_id))
              if q is not None]
     if len(given) != 1:
         raise QueryError("give exactly one query: an image, a text, a vector or an item id"
                          + (f" (got {', '.join(given)})" if given else ""))
-    if mode not in MODES:
-        raise QueryError(f"search mode {mode!r} is not known; use one of {', '.join(MODES)}")
-    if mode != "dense" and text is None:
-        raise QueryError(f"mode {mode} ranks texts by their words; an {given[0]} query needs mode dense")
     if text is not None and not text.strip():
         raise QueryError("text query is empty")
-    if query_patient is not None and exclude_same != "patient_id":
-        raise QueryError("query_patient names the query's patient for exclude_same='patient_id'; give both")
-    if mode != "dense":
-        if exclude_same:
-            raise QueryError("exclude_same needs an image or item query whose metadata names the value to exclude")
-        from caselens.retrieval.fusion import keyword_search
-
-        return keyword_search(collection, text, k=k, where=where, mode=mode)
-    view = reader_of(collection).view()  # one snapshot for the whole search
     snapshot = view.snapshot
-    exclude: dict[str, Any] = {}
     exclude_ids: list[str] = []
     stored_id: str | None = None
     spec = collection.encoder["spec"]
@@ -337,6 +330,7 @@ def search(collection: Collection, *, image: ImageQuery | None = None, text: str
         else:
             query = _shape(collection, encoder.encode_queries([text]))[0]
             desc = f"text {text!r}"
+    exclude: dict[str, Any] = {}
     if exclude_same:
         _check_column(collection, snapshot, exclude_same)
         value = None
@@ -347,10 +341,49 @@ def search(collection: Collection, *, image: ImageQuery | None = None, text: str
             value = metadata.get(exclude_same)
         if value is None and query_patient is not None:
             value = pseudonym(str(query_patient), collection.secret(), "patient")
-        if value is None:
+        if value is None and require_exclusion:
             raise ExclusionUnknownError(f"exclude_same {exclude_same}: the query has no {exclude_same} (it is not in the "
                              "collection and its file does not say); name the patient with query_patient "
                              "(--query-patient)")
-        exclude[exclude_same] = value
-    return search_vector(collection, query, k, where, exclude, exclude_ids or None, query_desc=desc,
-                         encoder_spec=spec, view=view)
+        if value is not None:
+            exclude[exclude_same] = value
+    return PreparedQuery(query, desc, spec, stored_id, exclude, exclude_ids)
+
+
+def search(collection: Collection, *, image: ImageQuery | None = None, text: str | None = None,
+           vector: np.ndarray | None = None, item_id: str | None = None, k: int = 10, where: str | None = None,
+           exclude_same: str | None = None, query_patient: str | None = None, exclude_self: bool = False,
+           mode: str = "dense") -> SearchResult:
+    """Search ``collection`` with exactly one query: an ``image`` (path, uploaded bytes or PIL image),
+    a ``text``, a ``vector`` or a stored item's ``item_id`` (the item itself is left out).
+
+    ``exclude_same`` names a column (e.g. ``patient_id``) whose value the query shares with items
+    to leave out: taken from the stored item when the query is in the collection, else from the
+    query file (DICOM), else from ``query_patient`` (a patient id of an outside query,
+    pseudonymised with the collection's key). ``exclude_self`` leaves out the stored copy of a
+    query image. Text queries rank by ``mode``: "dense" (the encoder), "bm25" (keywords) or
+    "hybrid" (both, fused). A collection with an adapter is searched in the adapter's space."""
+    given = [name for name, q in (("image", image), ("text", text), ("vector", vector), ("id", item_id))
+             if q is not None]
+    if len(given) != 1:
+        raise QueryError("give exactly one query: an image, a text, a vector or an item id"
+                         + (f" (got {', '.join(given)})" if given else ""))
+    if mode not in MODES:
+        raise QueryError(f"search mode {mode!r} is not known; use one of {', '.join(MODES)}")
+    if mode != "dense" and text is None:
+        raise QueryError(f"mode {mode} ranks texts by their words; an {given[0]} query needs mode dense")
+    if text is not None and not text.strip():
+        raise QueryError("text query is empty")
+    if query_patient is not None and exclude_same != "patient_id":
+        raise QueryError("query_patient names the query's patient for exclude_same='patient_id'; give both")
+    if mode != "dense":
+        if exclude_same:
+            raise QueryError("exclude_same needs an image or item query whose metadata names the value to exclude")
+        from caselens.retrieval.fusion import keyword_search
+
+        return keyword_search(collection, text, k=k, where=where, mode=mode)
+    view = reader_of(collection).view()  # one snapshot for the whole search
+    q = prepare_query(collection, view, image=image, text=text, vector=vector, item_id=item_id,
+                      exclude_same=exclude_same, query_patient=query_patient, exclude_self=exclude_self)
+    return search_vector(collection, q.vector, k, where, q.exclude, q.exclude_ids or None, query_desc=q.desc,
+                         encoder_spec=q.encoder_spec, view=view)
