@@ -236,16 +236,19 @@ class Collection:
 
     def diagnose(self, image: ImageQuery | None = None, *, id: str | None = None,  # noqa: A002
                  vector: np.ndarray | None = None, k: int | None = None, query_patient: str | None = None,
-                 knowledge: "Collection | None" = None, passages: int = 3) -> Diagnosis:
+                 knowledge: "Collection | Sequence[Collection]" = (), passages: int = 3,
+                 min_confidence: float | None = None) -> Diagnosis:
         """Label probabilities for one query from the collection's similar cases (calibrated
         similarity-weighted voting fitted by :meth:`adapt`): the diagnosis or an abstention with
         its reason, the supporting cases, and with ``knowledge`` guideline passages for the top
-        candidates. The query item and its patient's cases never vote."""
+        candidates (one or several text collections). The query item and its patient's cases
+        never vote. ``min_confidence`` replaces the fitted abstention threshold."""
         from caselens.retrieval.diagnosis import diagnose_collection
 
+        kbs = [knowledge] if isinstance(knowledge, Collection) else list(knowledge or ())
         return diagnose_collection(self.storage, image=image, item_id=id, vector=vector, k=k,
-                                   query_patient=query_patient,
-                                   knowledge=knowledge.storage if knowledge is not None else None, passages=passages)
+                                   query_patient=query_patient, knowledge=[kb.storage for kb in kbs],
+                                   passages=passages, min_confidence=min_confidence)
 
     # ----------------------------------------------------------------- export
     def export_vectors(self, path: Path | str, columns: Sequence[str] | None = None) -> Path:

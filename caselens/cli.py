@@ -272,7 +272,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     collection = _collection(args)
-    knowledge = _collection(args, args.knowledge) if args.knowledge else None
+    knowledge = [_collection(args, n.strip()) for n in (args.knowledge or "").split(",") if n.strip()]
     result = collection.diagnose(args.image or args.dicom, id=args.id, k=args.k, query_patient=args.query_patient,
                                  knowledge=knowledge)
     if args.json:
@@ -780,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--id", metavar="ITEM_ID", help="a stored item (itself and its patient left out)")
     s.add_argument("--k", type=int, help="voters (default: the number chosen by cross-validation)")
     s.add_argument("--query-patient", metavar="ID", help="the query's patient id, whose cases are left out")
-    s.add_argument("--knowledge", metavar="COLLECTION", help="a text collection to find guideline passages in")
+    s.add_argument("--knowledge", metavar="COLLECTIONS", help="text collections (comma-separated) to find guideline "
+                                                             "passages for the top candidates in")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_diagnose)
 

@@ -274,6 +274,7 @@ class GuidelinePassage:
     score: float
     candidates: tuple[str, ...]  # the candidate diagnoses (or "report") it was retrieved for
     source: str | None = None
+    collection: str | None = None  # the knowledge collection it came from
 
 
 @dataclass
@@ -428,7 +429,7 @@ def _label_of(hit: Any, label_column: str) -> str | None:
 def diagnose_collection(collection: Collection, *, image: Any = None, item_id: str | None = None,
                         vector: np.ndarray | None = None, query_patient: str | None = None, k: int | None = None,
                         supporting: int | None = None, min_confidence: float | None = None,
-                        knowledge: Collection | None = None, passages: int = 3) -> Diagnosis:
+                        knowledge: Sequence[Collection] = (), passages: int = 3) -> Diagnosis:
     """Diagnose one query (an image path, uploaded bytes or PIL image; a stored item's id; or a
     vector of the collection's encoder) from ``collection``'s similar cases, with the diagnosis
     model stored by :func:`fit_collection_diagnosis` (``caselens adapt``).
@@ -436,8 +437,8 @@ def diagnose_collection(collection: Collection, *, image: Any = None, item_id: s
     The cases are found through the collection's reader (its FAISS index in the adapter's space,
     the rows since ranked exactly; never the write lock). The query's own item and every case of
     its patient (from the stored item, the DICOM file, or ``query_patient``, an unpseudonymised
-    patient id) are left out. ``k`` overrides the model's number of voters. With ``knowledge`` (a
-    text collection), guideline passages for the top candidate labels come with citation keys.
+    patient id) are left out. ``k`` overrides the model's number of voters. With ``knowledge`` (text
+    collections), guideline passages for the top candidate labels come with citation keys.
     :class:`~caselens.errors.AdaptationError` when the collection has no diagnosis model."""
     _, model = collection_diagnosis(collection)
     if model is None:
@@ -461,14 +462,15 @@ def diagnose_collection(collection: Collection, *, image: Any = None, item_id: s
         where = predicate(collection, snapshot, None, exclude, query.exclude_ids or None)
         found = view.rank_in_space(vec, n, snapshot.selection(where) if where else None)
         return [Neighbour(h.id, float(h.score), _label_of(h, label_column), h.metadata.get(PATIENT_COLUMN),
-                          {**{c: v for c, v in h.metadata.items() if c != PATIENT_COLUMN},
-                           "source": h.source, "kind": h.kind})
+                          {**h.metadata, "source": h.source, "kind": h.kind})
                 for h in hits_for_rows(snapshot, found)]
 
     q = view.space.apply(query.vector)[0]
     result = diagnose(q, search_cases, model, query_patient=patient, query_id=query.stored_id,
                       min_confidence=min_confidence, supporting=supporting)
-    if knowledge is not None and passages > 0:
-        result.passages = guideline_passages(
-            result.candidates(), lambda text, n: search(knowledge, text=text, k=n, mode="hybrid").hits, k=passages)
+    found: list[GuidelinePassage] = []
+    for kb in knowledge if passages > 0 else ():
+        found += [replace(p, collection=kb.name) for p in guideline_passages(
+            result.candidates(), lambda text, n, kb=kb: search(kb, text=text, k=n, mode="hybrid").hits, k=passages)]
+    result.passages = sorted(found, key=lambda p: -p.score)
     return result

@@ -38,6 +38,7 @@ def build_home(root: Path, n_per_class: int = 6) -> tuple[Path, Path]:
         for i, row in enumerate(rows):
             writer.writerow({**row, "modality": "CT" if (i // 2) % 2 else "MR"})
     assert main(["--home", str(home), "ingest", "cases", "--manifest", str(manifest), "-q"]) == 0
+    assert main(["--home", str(home), "adapt", "cases", "--folds", "3"]) == 0  # the diagnosis model
     corpus = root / "kb.jsonl"
     corpus.write_text("\n".join(json.dumps(x) for x in KNOWLEDGE) + "\n")
     assert main(["--home", str(home), "ingest", "kb", "--text", str(corpus), "-q"]) == 0

@@ -331,17 +331,21 @@ def test_diagnose_votes_from_other_patients(live, world):
     r = live.post("/api/collections/cases/diagnose", data={"id": item_id, "k": "5", "knowledge": "kb"})
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["labels"][0]["label"] == "stripes" and not out["abstained"]
-    assert abs(sum(x["probability"] for x in out["labels"]) - 1) < 1e-6
+    assert out["labels"][0]["label"] == "stripes" and out["top_label"] == "stripes" and out["k"] == 5
+    assert abs(sum(x["probability"] for x in out["labels"]) - 1) < 1e-3 and out["reason"]
     item = live.get(f"/api/collections/cases/items/{item_id}").json()
+    assert out["supporting"] and all(h["id"] != item_id for h in out["supporting"])
     assert all(h["metadata"]["patient_id"] != item["metadata"]["patient_id"] for h in out["supporting"])
     assert out["passages"] and out["passages"][0]["collection"] == "kb"
     with (world["folder"] / "blob_5.png").open("rb") as fh:
-        r = live.post("/api/collections/cases/diagnose", files={"image": fh}, data={"threshold": "0.99"})
+        r = live.post("/api/collections/cases/diagnose", files={"image": fh}, data={"threshold": "0.999"})
     out = r.json()
-    assert r.status_code == 200 and out["labels"][0]["label"] == "blob" and out["threshold"] == 0.99
+    assert r.status_code == 200 and out["labels"][0]["label"] == "blob" and out["threshold"] == 0.999
+    assert out["abstained"] == (out["confidence"] < 0.999) and (out["label"] is None) == out["abstained"]
     r = live.post("/api/collections/cases/diagnose", data={"k": "3"})
     assert r.status_code == 400
+    r = live.post("/api/collections/kb/diagnose", data={"id": "x" * 64})  # no model there
+    assert r.status_code in (404, 409)
 
 
 def test_ask_with_citations(live, world):

@@ -264,20 +264,22 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
               responses=ERROR_RESPONSES)
     async def diagnose(name: NAME, image: UploadFile | None = File(None, description="PNG, JPEG or DICOM file"),
                        id: str | None = Form(None, min_length=1, max_length=512, description="or a stored item's id"),
-                       k: int = Form(10, ge=1, le=K_MAX), threshold: float = Form(0.5, ge=0.0, le=1.0),
-                       where: str | None = Form(None, max_length=2000),
+                       k: int | None = Form(None, ge=1, le=K_MAX, description="voters (default: the fitted number)"),
+                       threshold: float | None = Form(None, ge=0.0, le=1.0,
+                                                      description="abstain below this confidence (default: the fitted one)"),
                        knowledge: str | None = Form(None, max_length=1000, description="comma-separated collections "
-                                                    "for guideline passages on the top label"),
+                                                    "for guideline passages on the top candidates"),
                        _: str = read) -> DiagnoseResponse:
-        """Label probabilities from the most similar cases, never the query's own patient."""
+        """Calibrated label probabilities from the most similar cases (fitted by ``caselens adapt``),
+        never the query itself nor its patient's cases."""
         data = await image.read() if image is not None else None
-        kind = check_image(data, config.max_image_pixels) if data is not None else None
+        if data is not None:
+            check_image(data, config.max_image_pixels)
         if (data is None) == (id is None):
             raise QueryError("give exactly one query: an uploaded image or an item id")
-        out = await run(backend.diagnose, name, image=data, image_kind=kind, item_id=id, k=k, threshold=threshold,
-                        where=where, knowledge=_names(knowledge))
-        return DiagnoseResponse(labels=out["labels"], abstained=out["abstained"], threshold=out["threshold"],
-                                supporting=[HitModel.of(h) for h in out["supporting"]], passages=out["passages"])
+        out = await run(backend.diagnose, name, image=data, item_id=id, k=k, threshold=threshold,
+                        knowledge=_names(knowledge))
+        return DiagnoseResponse.of(out)
 
     @app.post("/api/ask", response_model=AskResponse, tags=["ask"], responses=ERROR_RESPONSES)
     async def ask(question: str = Form(min_length=1, max_length=4000),

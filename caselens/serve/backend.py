@@ -8,10 +8,8 @@ service runs in a worker thread (readers never take the write lock).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -27,10 +25,9 @@ from caselens.errors import CollectionNotFoundError, ConfigError, QueryError, So
 from caselens.files import atomic_write_bytes
 from caselens.indexes.collection import Collection as Storage
 from caselens.indexes.reader import reader_of
-from caselens.ingest.items import content_id
 from caselens.ingest.runner import IngestRequest, run_ingest
 from caselens.retrieval.images import cache_dir, cache_path, item_image
-from caselens.retrieval.search import ExclusionUnknownError, Hit, SearchResult, collection_encoder, hits_for_rows
+from caselens.retrieval.search import Hit, SearchResult, collection_encoder, hits_for_rows
 from caselens.serve.errors import ServeError
 
 log = logging.getLogger(__name__)
@@ -40,7 +37,6 @@ FACET_MAX_ROWS = 200_000  # larger collections: no facet scan (filters are typed
 FACET_MAX_VALUES = 50
 ID_MAX = 512
 INGEST_KINDS = ("images", "dicom")
-VOTE_TEMPERATURE = 0.05  # diagnose placeholder: weight of a neighbour = exp((cosine - best) / this)
 
 
 def check_item_id(item_id: str) -> str:
@@ -292,52 +288,20 @@ class Backend:
 
     # ------------------------------------------------------------------ diagnose
     def diagnose(self, name: str, *, image: bytes | None = None, image_kind: str | None = None,
-                 item_id: str | None = None, k: int = 10, threshold: float = 0.5, where: str | None = None,
-                 knowledge: list[str] | None = None) -> dict[str, Any]:
-        """Label probabilities from similar cases, never the query's own patient.
-
-        PLACEHOLDER until the library's diagnose lands: a similarity-weighted vote over the top-k
-        hits' labels (weights: softmax of cosine / :data:`VOTE_TEMPERATURE`), abstaining when the top label's
-        probability is below ``threshold``; passages: the top label searched in ``knowledge``."""
+                 item_id: str | None = None, k: int | None = None, threshold: float | None = None,
+                 knowledge: list[str] | None = None) -> Any:
+        """The library's diagnosis by similar cases (:meth:`caselens.Collection.diagnose`: calibrated
+        case voting fitted by ``caselens adapt``), never from the query itself or its patient;
+        ``threshold`` replaces the model's abstention threshold."""
         c = self.collection(name)
         if (image is None) == (item_id is None):
             raise QueryError("give exactly one query: an uploaded image or an item id")
-        exclude = "patient_id" if "patient_id" in c.storage.metadata_columns() else None
         if item_id is not None:
             check_item_id(item_id)
             if reader_of(c.storage).snapshot().row_of(item_id) is None:
                 raise ServeError(404, "item_not_found", f"collection {c.name!r} has no item with this id")
-            try:
-                hits = c.search(id=item_id, k=k, where=where or None, exclude_same=exclude).hits
-            except ExclusionUnknownError:
-                hits = c.search(id=item_id, k=k, where=where or None).hits
-        else:
-            own_id = content_id(hashlib.sha256(image).hexdigest())
-            try:  # the query's patient, when the image is stored or its DICOM header names one
-                result = c.search(image, k=k + 1, where=where or None, exclude_same=exclude)
-            except ExclusionUnknownError:
-                result = c.search(image, k=k + 1, where=where or None)
-            hits = [h for h in result.hits if h.id != own_id][:k]
-        labeled = [h for h in hits if h.label is not None]
-        votes: dict[str, float] = {}
-        if labeled:
-            best = max(float(h.score) for h in labeled)
-            for h in labeled:  # softmax of cosine / temperature: near neighbours outweigh far ones
-                votes[str(h.label)] = votes.get(str(h.label), 0.0) + math.exp((float(h.score) - best) / VOTE_TEMPERATURE)
-        total = sum(votes.values())
-        labels = sorted(({"label": lab, "probability": w / total} for lab, w in votes.items()),
-                        key=lambda x: -x["probability"]) if total > 0 else []
-        abstained = not labels or labels[0]["probability"] < threshold
-        passages: list[dict[str, Any]] = []
-        if labels and knowledge:
-            from caselens.retrieval.rag.context import citation_key, item_kind
-
-            for kb in knowledge:
-                found = self.collection(kb).search(text=labels[0]["label"], k=3)
-                passages += [{"key": citation_key(item_kind(h), h), "text": h.text or "", "collection": kb,
-                              "score": float(h.score)} for h in found.hits if h.text]
-        return {"labels": labels, "abstained": abstained, "threshold": threshold, "supporting": hits,
-                "passages": passages}
+        kbs = [self.collection(n) for n in knowledge or []]
+        return c.diagnose(image, id=item_id, k=k, knowledge=kbs, min_confidence=threshold)
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, spec: IngestSpec, progress: Callable[[int, int | None], None]) -> dict[str, Any]:

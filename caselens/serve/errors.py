@@ -6,7 +6,7 @@ Responses for them are JSON ``{"error": code, "detail": message}``; library erro
 
 from __future__ import annotations
 
-from caselens.errors import (BadVectorError, CaselensError, CollectionNotFoundError, EncoderMismatchError,
+from caselens.errors import (AdaptationError, AdapterIntegrityError, BadVectorError, CaselensError, CollectionNotFoundError, EncoderMismatchError,
                              EncoderOptionError, IndexIntegrityError, QueryError, SourceError, TableDamagedError,
                              UnknownEncoderError, UnsupportedModalityError)
 
@@ -36,7 +36,9 @@ LIBRARY_ERRORS: tuple[tuple[type[CaselensError], int, str], ...] = (
     (QueryError, 400, "bad_query"),
     (UnsupportedModalityError, 400, "unsupported_modality"),
     (SourceError, 400, "bad_source"),
-    (EncoderMismatchError, 409, "encoder_mismatch"),
+    (EncoderMismatchError, 409, "encoder_mismatch"),  # (an adapter of another encoder too)
+    (AdaptationError, 409, "no_diagnosis_model"),  # fit one with `caselens adapt NAME --label-column L`
+    (AdapterIntegrityError, 503, "adapter_damaged"),
     (UnknownEncoderError, 400, "unknown_encoder"),
     (EncoderOptionError, 400, "bad_encoder_option"),
     (BadVectorError, 500, "bad_vector"),

@@ -269,10 +269,32 @@ class Passage(BaseModel):
 
 
 class DiagnoseResponse(BaseModel):
-    """Label probabilities from similar cases (never the query's own patient)."""
+    """Calibrated label probabilities from similar cases (never the query itself nor its patient's
+    cases), the decision or an abstention with its reason, and what it rests on."""
 
-    labels: list[LabelProbability] = Field(description="most probable first")
-    abstained: bool = Field(description="true when the top probability is below the threshold")
-    threshold: float
+    label: str | None = Field(description="the diagnosis; null when abstained")
+    top_label: str
+    confidence: float = Field(description="calibrated probability of top_label")
+    abstained: bool
+    reason: str
+    labels: list[LabelProbability] = Field(description="calibrated, most probable first")
+    threshold: float | None = Field(description="abstention threshold (the model's unless given)")
+    k: int = Field(description="cases that voted")
     supporting: list[HitModel]
     passages: list[Passage]
+
+    @classmethod
+    def of(cls, d: Any) -> "DiagnoseResponse":
+        supporting = [HitModel(rank=i, score=float(c.similarity), id=c.id, kind=str(c.metadata.get("kind") or "image"),
+                               label=c.label, source=c.metadata.get("source"),
+                               metadata=finite({k: v for k, v in c.metadata.items() if k not in ("kind", "source")}),
+                               provenance={"vote_share": float(c.weight)})
+                      for i, c in enumerate(d.supporting, start=1)]
+        return cls(label=d.label, top_label=d.top_label, confidence=float(d.confidence), abstained=d.abstained,
+                   reason=d.reason, labels=[LabelProbability(label=lab, probability=float(p))
+                                            for lab, p in d.probabilities.items()],
+                   threshold=d.threshold, k=d.k, supporting=supporting,
+                   passages=[Passage(key=p.key, text=p.text, collection=p.collection or "", score=float(p.score))
+                             for p in d.passages])
+
+

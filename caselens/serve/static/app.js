@@ -308,13 +308,13 @@ async function runDiagnose() {
   body.append(list);
   list.querySelectorAll('.fill').forEach((f) => { f.style.width = `${f.dataset.pct}%`; });
   body.append(el('p', { class: out.abstained ? 'abstain' : 'hint',
-    text: out.abstained ? `Abstained: no label reaches ${Math.round(out.threshold * 100)}%.`
-                        : `Top label above the ${Math.round(out.threshold * 100)}% threshold.` }));
+    text: out.abstained ? `No diagnosis (abstained): ${out.reason}.`
+                        : `Diagnosis: ${out.label} (calibrated confidence ${Math.round(out.confidence * 100)}%; ${out.k} similar cases voted).` }));
   if (out.supporting.length) {
     const sup = el('ul', { class: 'supporting', 'aria-label': 'Supporting cases' });
     for (const hit of out.supporting.slice(0, 8)) {
       sup.append(el('li', {}, el('button', { type: 'button', class: 'link', onclick: () => openCase(state.current, hit.id),
-        text: `${hit.label || '—'} (${hit.score.toFixed(3)})` })));
+        text: `${hit.label || '—'} (similarity ${hit.score.toFixed(3)}, vote ${Math.round((hit.provenance.vote_share || 0) * 100)}%)` })));
     }
     body.append(el('h3', { text: 'Supporting cases' }), sup);
   }
