@@ -211,6 +211,34 @@ def probabilities_html(probabilities: Sequence[tuple[str, float]]) -> str:
     return f'<div class="cl-bars">{rows}</div>'
 
 
+def diagnosis_html(diagnosis: Any, collection: Any, size: int = THUMBNAIL_PX, cases: int = 6) -> str:
+    """A :class:`~caselens.retrieval.diagnosis.Diagnosis` as HTML: the decision (or the abstention
+    and its reason), the calibrated label probabilities as bars, and the supporting cases as cards
+    (thumbnail, label, similarity, share of the vote) with any guideline passages."""
+    from caselens.indexes.reader import reader_of
+    from caselens.retrieval.search import hits_for_rows
+
+    esc = html.escape
+    decision = (f"<b>{esc(str(diagnosis.label))}</b> (calibrated confidence {diagnosis.confidence:.2f})"
+                if not diagnosis.abstained else f"no diagnosis (abstained): {esc(diagnosis.reason)}")
+    snapshot = reader_of(collection).snapshot()
+    shown = diagnosis.supporting[:cases]
+    found = [(c.similarity, row) for c in shown if (row := snapshot.row_of(c.id)) is not None]
+    hits = hits_for_rows(snapshot, found)
+    share = {c.id: c.weight for c in shown}
+    paths = item_images(collection, hits)
+    cards = "".join(_card(_inline(path, size) if path else None,
+                          [f'<span class="cl-score">cosine {hit.score:.3f} · vote {share.get(hit.id, 0):.0%}</span>',
+                           *hit_lines(hit)[1:]])
+                    for hit, path in zip(hits, paths))
+    passages = "".join(f'<li><code>[{esc(p.key)}]</code> <small>({esc(", ".join(p.candidates))})</small> '
+                       f'{esc(" ".join(p.text.split())[:300])}</li>' for p in diagnosis.passages)
+    return (f"<style>{_STYLE % {'px': size}}</style><p>{decision}; {diagnosis.k} similar cases voted.</p>"
+            + probabilities_html(list(diagnosis.probabilities.items())[:8])
+            + f'<h3>Supporting cases</h3><div class="cl-grid">{cards}</div>'
+            + (f"<h3>Guideline passages</h3><ul>{passages}</ul>" if passages else ""))
+
+
 def page(title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> str:
     """A whole self-contained HTML page: ``sections`` are (heading, HTML body) pairs."""
     body = "".join(f"<section><h2>{html.escape(h)}</h2>{b}</section>" for h, b in sections)

@@ -47,6 +47,10 @@ def test_the_documented_example_runs_as_written(tmp_path: Path, monkeypatch: pyt
     table = pq.read_table(tmp_path / "cases.parquet")
     assert table.num_rows == 12 and "finding" in table.column_names and "label" in table.column_names
     assert table.column("vector").type.list_size == scope["cases"].info()["encoder"]["dim"]
+    diagnosis = scope["diagnosis"]
+    assert diagnosis.top_label == "stripes" and abs(sum(diagnosis.probabilities.values()) - 1) < 1e-3
+    assert twin["id"] not in {c.id for c in diagnosis.supporting}
+    assert all(c.metadata.get("patient_id") != twin["patient_id"] for c in diagnosis.supporting)
 
 
 def test_open_refuses_missing_collections_and_names_what_exists(home: Path, image_folder: Path) -> None:
