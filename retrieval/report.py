@@ -74,7 +74,7 @@ def hit_lines(hit: Any, score_meaning: str = "cosine") -> list[str]:
 
 def result_heading(result: Any) -> str:
     """One line saying what ``result`` holds: collection, query, hits of candidates, time."""
-    return (f"{result.collection}: {result.query} — {len(result.hits)} hits of {result.candidates} candidates "
+    return (f"{result.collection}: {result.query}, {len(result.hits)} hits of {result.candidates} candidates "
             f"({result.milliseconds:.0f} ms)")
 
 
