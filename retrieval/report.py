@@ -1,6 +1,6 @@
 """Pictures of results: thumbnails and self-contained HTML (images inlined, no network).
 
-Used by ``SearchResult.show()`` in notebooks and by the demo report; the HTTP service serves the
+Used by ``SearchResult.show()`` and ``SearchResult.grid()`` in notebooks and by the demo report; the HTTP service serves the
 same thumbnails. Images come from :mod:`caselens.retrieval.images` (the item's own file, checked
 against its content hash, or the collection's cached rendering); an item without one gets a
 placeholder, never an error.
@@ -72,6 +72,12 @@ def hit_lines(hit: Any, score_meaning: str = "cosine") -> list[str]:
     return lines
 
 
+def result_heading(result: Any) -> str:
+    """One line saying what ``result`` holds: collection, query, hits of candidates, time."""
+    return (f"{result.collection}: {result.query}, {len(result.hits)} hits of {result.candidates} candidates "
+            f"({result.milliseconds:.0f} ms)")
+
+
 def hits_html(result: Any, collection: Any, size: int = THUMBNAIL_PX, query_image: str | Path | None = None) -> str:
     """A self-contained HTML grid of ``result``'s hits (thumbnails inlined), with the query first
     when ``query_image`` is given."""
@@ -82,10 +88,18 @@ def hits_html(result: Any, collection: Any, size: int = THUMBNAIL_PX, query_imag
     meaning = "cosine" if result.mode == "dense" else result.mode
     for hit, path in zip(result.hits, paths):
         cards.append(_card(_inline(path, size) if path else None, hit_lines(hit, meaning)))
-    head = html.escape(f"{result.collection}: {result.query} — {len(result.hits)} hits of {result.candidates} "
-                       f"candidates ({result.milliseconds:.0f} ms)")
+    head = html.escape(result_heading(result))
     return (f"<style>{_STYLE % {'px': size}}</style><div><p>{head}</p>"
             f'<div class="cl-grid">{"".join(cards)}</div></div>')
+
+
+def hits_grid(result: Any, collection: Any, size: int = 150, query: Image.Image | str | Path | None = None,
+              title: str | None = None) -> Image.Image:
+    """``result``'s hits as one :func:`grid_image` row (the ``query`` picture first when given),
+    under ``title`` (default: :func:`result_heading`)."""
+    cells: list[GridCell] = [] if query is None else [(query, "query")]
+    cells += hit_cells(result.hits, item_images(collection, result.hits))
+    return grid_image([(title if title is not None else result_heading(result), cells)], size)
 
 
 def _inline(path: str | Path | None, size: int) -> str | None:
@@ -131,47 +145,66 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px soli
 
 
 def hit_cells(hits: Sequence[Any], paths: Sequence[str | None]) -> list[tuple[str | None, str]]:
-    """(image path, caption) of each hit for :func:`grid_png`: rank, score and label (or modality)."""
+    """(image path, caption) of each hit for :func:`grid_image`: rank, score and label (or modality)."""
     return [(p, f"#{h.rank} {h.score:.3f} {h.label or h.metadata.get('modality') or ''}".strip())
             for h, p in zip(hits, paths)]
 
 
-def grid_png(rows: Sequence[tuple[str, Sequence[tuple[str | Path | None, str]]]], out: str | Path,
-             size: int = 150) -> Path:
-    """A PNG contact sheet, one row per (title, cells); each cell an image (fitted to ``size``,
-    small images enlarged) with a caption; a cell captioned "query" is framed green. Written
-    atomically to ``out``."""
+GridCell = tuple[str | Path | Image.Image | None, str]  # (picture, caption)
+
+
+def grid_image(rows: Sequence[tuple[str, Sequence[GridCell]]], size: int = 150) -> Image.Image:
+    """A contact sheet, one row per (title, cells); each cell an image (a path or a PIL image,
+    fitted to ``size``, small images enlarged; None or an unreadable file: a dark square) with a
+    caption; a cell captioned "query" is framed green. A PIL image: shown inline by Jupyter as a
+    PNG, ``.save(path)`` writes it."""
     from PIL import ImageDraw, ImageFont
 
     try:
         font = ImageFont.load_default(size=13)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         font = ImageFont.load_default()
-    cols = max(len(cells) for _, cells in rows)
+    cols = max([len(cells) for _, cells in rows] or [1]) or 1
     row_h = 24 + size + 24
-    sheet = Image.new("RGB", (cols * (size + 8) + 8, len(rows) * row_h + 8), "white")
+    sheet = Image.new("RGB", (cols * (size + 8) + 8, max(1, len(rows)) * row_h + 8), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (title, cells) in enumerate(rows):
         y0 = 8 + r * row_h
         draw.text((8, y0), title, fill=(17, 17, 17), font=font)
-        for c, (path, caption) in enumerate(cells):
+        for c, (picture, caption) in enumerate(cells):
             x, y = 8 + c * (size + 8), y0 + 20
             draw.rectangle([x, y, x + size - 1, y + size - 1], fill=(17, 17, 17))
-            if path is not None:
-                try:
-                    with Image.open(path) as im:
-                        im.draft("RGB", (size, size))
-                        thumb = im.convert("RGB")
-                    scale = min(size / thumb.width, size / thumb.height)
-                    thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))))
-                    sheet.paste(thumb, (x + (size - thumb.width) // 2, y + (size - thumb.height) // 2))
-                except (OSError, ValueError):
-                    pass
+            thumb = _fitted(picture, size)
+            if thumb is not None:
+                sheet.paste(thumb, (x + (size - thumb.width) // 2, y + (size - thumb.height) // 2))
             if caption == "query":
                 draw.rectangle([x, y, x + size - 1, y + size - 1], outline=(34, 170, 102), width=4)
             draw.text((x, y + size + 4), caption[:24], fill=(17, 17, 17), font=font)
+    return sheet
+
+
+def _fitted(picture: str | Path | Image.Image | None, size: int) -> Image.Image | None:
+    """``picture`` (a path or a PIL image) as RGB, scaled to fit ``size`` x ``size``; None when absent
+    or unreadable."""
+    if picture is None:
+        return None
+    try:
+        if isinstance(picture, Image.Image):
+            image = picture.convert("RGB")
+        else:
+            with Image.open(picture) as im:
+                im.draft("RGB", (size, size))
+                image = im.convert("RGB")
+    except (OSError, ValueError):
+        return None
+    scale = min(size / image.width, size / image.height)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+
+
+def grid_png(rows: Sequence[tuple[str, Sequence[GridCell]]], out: str | Path, size: int = 150) -> Path:
+    """:func:`grid_image` written atomically to ``out`` as a PNG."""
     buffer = io.BytesIO()
-    sheet.save(buffer, "PNG", optimize=True)
+    grid_image(rows, size).save(buffer, "PNG", optimize=True)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buffer.getvalue())

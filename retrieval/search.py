@@ -35,7 +35,7 @@ from caselens.ingest.encoders import Encoder, load_from_record
 from caselens.ingest.items import Item, Rejection
 from caselens.ingest.sources.dicom import DicomOptions
 from caselens.ingest.sources.image_folder import ImageSource
-from caselens.retrieval.report import HtmlView, hits_html
+from caselens.retrieval.report import HtmlView, hits_grid, hits_html
 
 MODES = ("dense", "bm25", "hybrid")  # text search: vectors, keywords (BM25), or both fused (RRF)
 SCORE_MEANING = {"dense": "cosine similarity", "bm25": "BM25 score", "hybrid": "reciprocal rank fusion score"}
@@ -129,11 +129,23 @@ class SearchResult:
     def show(self, size: int = 160, query_image: str | Path | None = None) -> HtmlView:
         """The hits as an image grid with scores and labels (shown inline in a notebook; ``.save(path)``
         writes a self-contained HTML file)."""
-        collection = self._searched
-        if collection is None:
+        return HtmlView(hits_html(self, self._bound(), size, query_image), title=f"caselens: {self.query}")
+
+    def grid(self, size: int = 150, query_image: ImageQuery | None = None, title: str | None = None) -> Image.Image:
+        """The hits as one picture: a row of thumbnails captioned with rank, score and label (or
+        modality), after the query framed green when ``query_image`` is given (anything
+        :meth:`caselens.Collection.search` takes: a DICOM file is decoded as ingest does). A PIL
+        image: Jupyter shows it inline as a PNG, so it stays visible where HTML is not rendered
+        (a notebook on GitHub, a PDF export); ``.save("hits.png")`` writes it."""
+        collection = self._bound()
+        query = None if query_image is None else read_query_image(query_image, collection).image
+        return hits_grid(self, collection, size, query, title)
+
+    def _bound(self) -> Collection:
+        if self._searched is None:
             raise QueryError("this result does not know its collection; search through caselens.open(...).search "
                              "or call result.bind(collection) first")
-        return HtmlView(hits_html(self, collection, size, query_image), title=f"caselens: {self.query}")
+        return self._searched
 
 
 _ENCODERS: dict[str, Encoder] = {}

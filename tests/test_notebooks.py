@@ -1,69 +1,82 @@
-"""Every notebook in ``notebooks/`` runs top to bottom.
+"""Every notebook in ``notebooks/`` runs top to bottom in a real Jupyter kernel and shows pictures.
 
-The code cells of each notebook are executed in order, in one fresh namespace (``exec`` of the cell
-source; IPython magics and shell escapes, i.e. lines starting with ``%`` or ``!``, are skipped), with
-the working directory and ``tempfile``'s default folder set to a pytest tmp dir. A failure names the
-notebook and the cell index (its position among all cells, as Jupyter shows them).
+Each notebook is executed by nbclient with the ``python3`` kernel (ipykernel), offline, with its
+working directory, ``TMPDIR`` and ``CASELENS_HOME`` in a pytest tmp dir (so the temporary home it
+makes is cleaned up). A cell that raises fails the test with nbclient's message naming the cell and
+its traceback. The executed notebook must hold at least one ``image/png`` output and no error
+output. The committed notebooks are checked without a kernel: they carry their outputs (pictures
+visible on GitHub), stay small, and use the public API (no CLI subprocesses).
 
-No Jupyter kernel is needed: this does not check outputs, only that the cells run.
+Refresh the committed outputs with ``python notebooks/execute.py``.
 """
 
 from __future__ import annotations
 
 import json
-import linecache
-import tempfile
-import traceback
+import re
 from pathlib import Path
 
 import pytest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+MAX_BYTES = 1_500_000
+CELL_TIMEOUT_S = 600
 
 
-def code_cells(path: Path) -> list[tuple[int, str]]:
-    """(cell index, source without %/! lines) of each code cell of the notebook at ``path``."""
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    assert nb.get("nbformat") == 4, f"{path.name}: not an nbformat 4 notebook"
-    cells = []
-    for index, cell in enumerate(nb.get("cells", [])):
-        if cell.get("cell_type") != "code":
-            continue
-        source = cell.get("source", "")
-        if isinstance(source, list):
-            source = "".join(source)
-        lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
-        cells.append((index, "\n".join(lines) + "\n"))
-    return cells
+def outputs(nb: dict) -> list[dict]:
+    return [o for cell in nb.get("cells", []) if cell.get("cell_type") == "code" for o in cell.get("outputs", [])]
+
+
+def png_count(nb: dict) -> int:
+    return sum(1 for o in outputs(nb) if "image/png" in o.get("data", {}))
+
+
+def test_there_are_notebooks() -> None:
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "evaluation.ipynb"}
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(notebook: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_committed_notebook_shows_its_pictures_and_uses_the_library(notebook: Path) -> None:
+    assert notebook.stat().st_size < MAX_BYTES, f"{notebook.name} is {notebook.stat().st_size} bytes: downscale"
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    assert nb.get("nbformat") == 4
+    assert png_count(nb) >= 2, f"{notebook.name} is committed without its pictures: run notebooks/execute.py"
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"], f"{notebook.name} has an error output"
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "import caselens" in code
+    shell = [line for line in code.splitlines() if line.lstrip().startswith(("!", "%%bash"))
+             or re.search(r"\bsubprocess\b", line)]
+    assert not shell, f"{notebook.name} shells out instead of using the Python API: {shell}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom_and_draws(notebook: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.chdir(work)
-    # tempfile.mkdtemp() in a notebook lands under tmp_path, so pytest cleans it up.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    # Anything that falls back to the default caselens home writes under tmp_path too.
+    # The kernel is a child process: it inherits these.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("CASELENS_HOME", str(tmp_path / "caselens-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.delenv("CASELENS_EVAL_DATA", raising=False)  # the bundled demo data, as in CI
 
-    cells = code_cells(notebook)
-    assert cells, f"{notebook.name} has no code cells"
-    namespace: dict = {"__name__": "__main__"}
-    for index, source in cells:
-        filename = f"{notebook.name}[cell {index}]"
-        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)  # tracebacks show lines
-        failure = None
-        try:
-            exec(compile(source, filename, "exec"), namespace)
-        except Exception as exc:  # report which cell broke, with the traceback from the cell down
-            tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # drop this frame
-            failure = (f"{notebook.name}: cell {index} raised {type(exc).__name__}: {exc}\n\n"
-                       + "".join(traceback.format_exception(type(exc), exc, tb))
-                       + f"\n--- {notebook.name}, cell {index} ---\n{source}")
-        if failure is not None:
-            pytest.fail(failure, pytrace=False)
+    nb = nbformat.read(notebook, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(work)}})
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as exc:  # names the cell and shows its traceback
+        pytest.fail(f"{notebook.name}: {exc}", pytrace=False)
+
+    executed = json.loads(nbformat.writes(nb))
+    errors = [o for o in outputs(executed) if o.get("output_type") == "error"]
+    assert not errors, f"{notebook.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    tracebacks = [o["text"] for o in outputs(executed) if o.get("name") == "stderr" and "Traceback" in o.get("text", "")]
+    assert not tracebacks, f"{notebook.name} printed a traceback:\n{tracebacks[0]}"
+    assert png_count(executed) >= 2, f"{notebook.name} drew fewer than two pictures (image/png outputs)"
