@@ -676,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search a collection by image, text or item id")
     s.add_argument("collection")
     q = s.add_mutually_exclusive_group(required=True)
-    q.add_argument("--image", metavar="PATH", help="query image or DICOM file")
+    q.add_argument("--image", metavar="PATH", help="query image, DICOM file, or a folder of one DICOM series or study")
     q.add_argument("--text", metavar="QUERY", help="query text (needs an encoder with a text tower)")
     q.add_argument("--id", metavar="ITEM_ID", help="a stored item: its nearest other items")
     s.add_argument("--k", type=int, default=10, help="results to return (default 10)")
@@ -776,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("collection")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", metavar="PATH")
-    q.add_argument("--dicom", metavar="PATH")
+    q.add_argument("--dicom", metavar="PATH", help="a DICOM file, or a folder of one series or study (pooled as "
+                                                   "ingest pools them)")
     q.add_argument("--id", metavar="ITEM_ID", help="a stored item (itself and its patient left out)")
     s.add_argument("--k", type=int, help="voters (default: the number chosen by cross-validation)")
     s.add_argument("--query-patient", metavar="ID", help="the query's patient id, whose cases are left out")

@@ -33,7 +33,9 @@ from caselens.indexes.snapshot import Snapshot
 from caselens.ingest.deid import pseudonym
 from caselens.ingest.encoders import Encoder, load_from_record
 from caselens.ingest.items import Item, Rejection
+from caselens.ingest.embed import encode_items
 from caselens.ingest.sources.dicom import DicomOptions
+from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 from caselens.ingest.sources.image_folder import ImageSource
 from caselens.retrieval.report import HtmlView, hits_grid, hits_html
 
@@ -280,6 +282,26 @@ def read_query_image(image: ImageQuery, collection: Collection) -> Item:
     return result
 
 
+def read_query_series(folder: Path, collection: Collection, slices: int = 8) -> Item:
+    """A DICOM folder holding one series (or one study) read as ingest reads a series or study unit:
+    ``slices`` slices sampled, windowed like the collection's items, patient pseudonymised with its
+    key, and pooled the collection's way when encoded (:func:`caselens.ingest.embed.encode_items`)."""
+    options = DicomOptions(window=collection.encoder.get("window", "auto"))
+    pooling = collection.encoder.get("pooling") or "mean"
+    found: dict[str, int] = {}
+    for unit in ("series", "study"):
+        source = DicomSource(folder, collection.secret(), DicomSourceConfig(unit=unit, slices=slices, pooling=pooling,
+                                                                            options=options))
+        items = [r for r in source if isinstance(r, Item) and r.volume is not None]
+        found[unit] = len(items)
+        if len(items) == 1:
+            return items[0]
+    if not found["series"]:
+        raise QueryError(f"query folder {folder.name} holds no readable DICOM series")
+    raise QueryError(f"query folder {folder.name} holds {found['series']} series of {found['study']} studies; "
+                     "point the query at one series (or one study) folder")
+
+
 def _shape(collection: Collection, vectors: np.ndarray) -> np.ndarray:
     if collection.encoder.get("pooling"):  # series pooled by max/mean concatenation: shape the query alike
         from caselens.ingest.volumes import query_vectors
@@ -332,7 +354,14 @@ def prepare_query(collection: Collection, view: ReadView, *, image: ImageQuery |
     else:
         encoder = collection_encoder(collection)
         spec = encoder.info.spec
-        if image is not None:
+        if image is not None and isinstance(image, (str, Path)) and Path(image).expanduser().is_dir():
+            item = read_query_series(Path(image).expanduser(), collection)  # a series or study folder
+            query = encode_items(encoder, [item])[0]
+            desc = f"{item.provenance.get('unit', 'series')} {Path(image).name} ({len(item.volume.slices)} slices)"
+            stored_id, metadata = (item.id or None), item.metadata
+            if exclude_self and stored_id and snapshot.row_of(stored_id) is not None:
+                exclude_ids.append(stored_id)
+        elif image is not None:
             item = read_query_image(image, collection)
             query = _shape(collection, encoder.encode_images([item.image]))[0]
             desc = f"image {Path(image).name}" if isinstance(image, (str, Path)) else "image"

@@ -20,6 +20,7 @@ from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 from caselens.ingest.volumes import pool, sample_indices
 from caselens.cli import main
 from caselens.ingest.encoders import load_encoder
+from caselens.errors import QueryError
 
 from conftest import SHARED_DATA, needs_shared
 
@@ -373,3 +374,24 @@ def test_a_collection_keeps_its_window_and_queries_are_read_with_it(home: Path, 
     assert hit["source"] == "IM1" and hit["score"] > 0.9999  # same window: the very same vector
     assert main(h + ["ingest", "lung", "--dicom", str(folder), "--window", "bone"]) == 2
     assert "--window lung" in capsys.readouterr().err
+
+
+def test_a_series_folder_queries_a_series_collection_pooled_like_ingest(home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import caselens
+
+    col = caselens.open("series-q", home, create=True)
+    col.ingest(dicom=_pydicom_dir() / "dicomdirtests", unit="series", progress=False)
+    query = tmp_path / "one-series"
+    shutil.copytree(_pydicom_dir() / "dicomdirtests" / "98892003" / "MR700", query)
+    found = col.search(query, k=3)
+    assert found.query.startswith("series one-series") and found.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    stored = found.hits[0]
+    assert json.loads(col.storage.rows(f"id = '{stored.id}'", ["provenance"]).to_pylist()[0]["provenance"])["unit"] \
+        == "series"
+    others = col.search(query, k=3, exclude_same="patient_id")  # the series' patient, from its headers
+    assert stored.id not in {h.id for h in others}
+    assert all(h.metadata.get("patient_id") != stored.metadata.get("patient_id") for h in others)
+    with pytest.raises(QueryError, match="point the query at one series"):
+        col.search(_pydicom_dir() / "dicomdirtests" / "98892003", k=3)
