@@ -468,9 +468,14 @@ def diagnose_collection(collection: Collection, *, image: Any = None, item_id: s
     q = view.space.apply(query.vector)[0]
     result = diagnose(q, search_cases, model, query_patient=patient, query_id=query.stored_id,
                       min_confidence=min_confidence, supporting=supporting)
+    report = None  # the case's own report text, when the query is a stored item that has one (RAD's idea)
+    row = snapshot.row_of(query.stored_id) if query.stored_id else None
+    if row is not None:
+        report = snapshot.row_dicts([row]).get(row, {}).get("text")
     found: list[GuidelinePassage] = []
     for kb in knowledge if passages > 0 else ():
         found += [replace(p, collection=kb.name) for p in guideline_passages(
-            result.candidates(), lambda text, n, kb=kb: search(kb, text=text, k=n, mode="hybrid").hits, k=passages)]
+            result.candidates(), lambda text, n, kb=kb: search(kb, text=text, k=n, mode="hybrid").hits, k=passages,
+            report_text=report)]
     result.passages = sorted(found, key=lambda p: -p.score)
     return result
