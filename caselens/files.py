@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from caselens.faults import fault_point
+
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
@@ -39,6 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | np.ndarray) -> None:
             fh.write(memoryview(data))
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point("file.rename.before")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

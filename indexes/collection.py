@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from caselens.errors import (BadVectorError, CollectionNotFoundError, EncoderMismatchError,
                              IndexIntegrityError)
+from caselens.faults import fault_point
 from caselens.indexes import faiss_index
 
 log = logging.getLogger(__name__)
@@ -430,6 +431,7 @@ class Collection:
                 with open(self.root / ".lock", "a") as fh:
                     fcntl.flock(fh, fcntl.LOCK_EX)
                     _HELD[str(self.root)] = {"owner": threading.get_ident()}
+                    fault_point("lock.acquired")
                     try:
                         yield
                     finally:
@@ -642,7 +644,9 @@ class Collection:
         schema = self._schema()
         columns = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "vector"}
         columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
+        fault_point("table.commit.before")
         self._table.add(pa.table({f.name: columns[f.name] for f in schema}, schema=schema))
+        fault_point("table.commit.after")
         self._checked_at = -1.0  # cached version is stale
         held = self._held()
         if held is not None:
@@ -669,7 +673,9 @@ class Collection:
         """Merge the small files that batch-wise writes leave behind (keeps all data and versions)."""
         from datetime import timedelta
 
+        fault_point("table.compact.before")
         self._table.optimize(cleanup_older_than=timedelta(days=7))
+        fault_point("table.compact.after")
         self._checked_at = -1.0  # cached version is stale
 
     def record(self, run_id: str, entries: Sequence[LedgerEntry]) -> None:
@@ -678,11 +684,13 @@ class Collection:
             return
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         ledger = self._db.open_table(LEDGER)
+        fault_point("ledger.write.before")
         ledger.add(pa.table({
             "run_id": [run_id] * len(entries), "time": [now] * len(entries),
             "input": [e.input for e in entries], "item_id": [e.item_id for e in entries],
             "status": [e.status for e in entries], "reason_code": [e.reason_code for e in entries],
             "reason": [e.reason for e in entries]}, schema=LEDGER_SCHEMA))
+        fault_point("ledger.write.after")
 
     def ledger(self, run_id: str | None = None) -> list[dict]:
         """Ledger rows, optionally of one run."""

@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 
 from caselens.errors import EncoderMismatchError, IndexIntegrityError
+from caselens.faults import fault_point
 from caselens.files import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ def write_index(index: faiss.Index, folder: Path, *, table_version: int, encoder
     folder.mkdir(parents=True, exist_ok=True)
     data = faiss.serialize_index(index)
     atomic_write_bytes(folder / INDEX_FILE, data)
+    fault_point("index.write.between")
     stamp = IndexStamp(
         table_version=int(table_version),
         encoder_fingerprint=encoder_fingerprint,
