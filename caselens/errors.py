@@ -47,3 +47,8 @@ class QueryError(CaselensError, ValueError):
 
 class SourceError(CaselensError, ValueError):
     """A source (folder, manifest, corpus) that cannot be read at all."""
+
+
+class DiskFullError(CaselensError, OSError):
+    """No space left on the device (or the quota) while writing a collection; what was stored
+    before the failed write is intact, and the same command run again with space continues."""

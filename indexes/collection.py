@@ -700,6 +700,15 @@ class Collection:
             query = query.where(f"run_id = '{run_id}'")
         return query.limit(max(1, table.count_rows())).to_arrow().to_pylist()
 
+    def ledger_ids(self, status: str = "accepted") -> set[str]:
+        """Item ids that have a ledger row of ``status`` (one scan of two ledger columns)."""
+        table = self._db.open_table(LEDGER)
+        n = table.count_rows()
+        if not n:
+            return set()
+        rows = table.search().where(f"status = '{status}'").select(["item_id"]).limit(n).to_arrow()
+        return {i for i in rows.column("item_id").to_pylist() if i}
+
     @property
     def ledger_path(self) -> Path:
         return self.root / "lance" / f"{LEDGER}.lance"

@@ -6,8 +6,8 @@ batch at a time and written in larger groups (:attr:`IngestConfig.write_items` i
 :attr:`IngestConfig.write_seconds` seconds, whichever comes first: one LanceDB table version per
 group, not per batch); a group's ledger rows are written after its items. So a run killed
 midway loses at most the group not yet written, and a re-run continues by skipping what is
-stored (items written without their ledger rows are met as ``duplicate``). An error raised in
-the run writes the groups finished before it first.
+stored (items written without their ledger rows get them then: ``accepted`` with the note
+``recovered``). An error raised in the run writes the groups finished before it first.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from typing import Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from caselens.errors import BadVectorError, UnsupportedModalityError
+from caselens.errors import BadVectorError, DiskFullError, UnsupportedModalityError
+from caselens.files import disk_full
 from caselens.indexes.collection import Collection, LedgerEntry, MetadataTypeError
 from caselens.indexes.faiss_index import IndexStamp
 from caselens.ingest.items import Item, Rejection, Source
+from caselens.ingest.source_paths import apply_source_paths
 from caselens.ingest.encoders.base import Encoder
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class IngestReport:
     root: Path  # collection folder
     accepted: int = 0  # items stored by this run
     duplicates: int = 0  # inputs whose item was already stored
+    recovered: int = 0  # items stored by an interrupted run without their ledger rows, recorded now
     rejected: Counter = field(default_factory=Counter)  # reason_code -> count
     warnings: Counter = field(default_factory=Counter)  # accepted with a note (e.g. truncated text)
     table_version: int = 0  # items table version after the run
@@ -68,7 +71,8 @@ class IngestReport:
     def summary(self) -> str:
         lines = [f"ingest run {self.run_id} into '{self.collection}': {self.accepted} accepted, "
                  f"{self.duplicates} already present, {sum(self.rejected.values())} rejected "
-                 f"in {self.seconds:.1f}s"]
+                 f"in {self.seconds:.1f}s" + (f" ({self.recovered} stored by an interrupted run, recorded now)"
+                                             if self.recovered else "")]
         for code, n in sorted(self.rejected.items()):
             lines.append(f"  rejected {n:>6} x {code}")
         for code, n in sorted(self.warnings.items()):
@@ -185,7 +189,23 @@ class _Writer:
 
 
 def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
-    """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
+    """Read ``source``, embed its items with ``encoder`` and store them in ``collection``.
+
+    A full disk raises :class:`DiskFullError` naming the collection: what earlier groups stored
+    is kept, and the same call with space continues where this one stopped."""
+    try:
+        return _ingest(source, collection, encoder, config)
+    except DiskFullError as exc:
+        raise DiskFullError(f"collection {collection.name!r} ({collection.root}): {exc}") from None
+    except Exception as exc:
+        if disk_full(exc):
+            raise DiskFullError(f"collection {collection.name!r} ({collection.root}): no space left on the "
+                                "device while writing; what was stored before is intact: free space and run "
+                                "the same ingest again (it continues where this one stopped)") from None
+        raise
+
+
+def _ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None) -> IngestReport:
     config = config or IngestConfig()
     if config.on_bad_vectors not in ("reject", "error"):
         raise ValueError(f"on_bad_vectors must be 'reject' or 'error', not {config.on_bad_vectors!r}")
@@ -199,6 +219,8 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
     limit = encoder.max_tokens() if source.kind == "text" else None
     seen: set[str] = set()
     last_input: str | None = None  # the input of the batch's last item: chunks of one row may span batches
+    if hasattr(source, "paths"):  # how input files are named: the collection's setting (see ingest.source_paths)
+        apply_source_paths(source, collection)
     bar = tqdm(total=source.estimate(), unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
     with collection.write_lock():
         if config.record_inputs:
@@ -208,6 +230,8 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         # stored at the start plus those accepted since (``seen``) are all that is stored
         n_stored = collection.count()
         stored_at_start = set() if n_stored == 0 else collection.existing_ids() if n_stored <= ID_SET_MAX else None
+        # rows a killed run wrote without their ledger rows: accepted now, once (not "duplicate")
+        unledgered = stored_at_start - collection.ledger_ids("accepted") if stored_at_start else set()
         try:
             for batch in _batches(source, config.batch_size):
                 entries: list[LedgerEntry] = []
@@ -218,6 +242,12 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
                     if isinstance(it, Rejection):
                         entries.append(LedgerEntry(it.input, "rejected", "", it.reason_code, it.reason))
                         report.rejected[it.reason_code] += 1
+                    elif it.id in unledgered:
+                        unledgered.discard(it.id)
+                        seen.add(it.id)
+                        entries.extend(_entries(it, "accepted", "recovered", "stored by an interrupted run "
+                                                "whose ledger rows were lost; recorded now"))
+                        report.recovered += 1
                     elif it.id in stored or it.id in seen:
                         entries.extend(_entries(it, "duplicate", "already_present",
                                                 "an item with this id is already stored; nothing added"))
@@ -267,8 +297,10 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         except BaseException:
             try:  # keep what finished before the error (a kill cannot, a re-run redoes it)
                 writer.flush()
-            except Exception:  # the original error is the one to see
-                log.exception("ingest run %s: writing the finished batches failed", report.run_id)
+            except Exception as exc:  # the original error is the one to see
+                log.error("ingest run %s: writing the finished batches failed too (%s)", report.run_id,
+                          str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
             raise
         writer.flush()
         if report.accepted:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -84,26 +83,32 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise UnsupportedModalityError(f"encoder {encoder.info.spec} cannot embed {kind} items")
     chunker = _chunker(args, encoder, Collection.open(args.collection, args.home) if exists else None) \
         if kind == "text" else None
+    named = args.source_paths  # None: the collection's setting, or the default for this input
     if args.text and Path(args.text).expanduser().is_dir():
-        from caselens.ingest.sources.text_folder import TextFolderSource
+        from caselens.ingest.sources.text_folder import TextFolderConfig, TextFolderSource
 
-        source: Any = TextFolderSource(Path(args.text), chunker=chunker)
+        source: Any = TextFolderSource(Path(args.text), chunker=chunker, config=TextFolderConfig(source_paths=named))
     elif args.text:
+        from caselens.ingest.sources.text_corpus import TextCorpusConfig
+
         source = TextCorpusSource(Path(args.text), args.id_field, args.text_field, limit=args.limit,
-                                  chunker=chunker)
+                                  chunker=chunker, config=TextCorpusConfig(source_paths=named))
     elif args.pdf:
         from caselens.ingest.sources.pdf import PdfOptions, PdfSource
 
-        source = PdfSource(Path(args.pdf), PdfOptions(items=args.pdf_items, dpi=args.dpi, ocr=not args.no_ocr),
-                           chunker=chunker)
+        source = PdfSource(Path(args.pdf), PdfOptions(items=args.pdf_items, dpi=args.dpi, ocr=not args.no_ocr,
+                                                      source_paths=named), chunker=chunker)
     elif args.dicom:
         source = _dicom_source(args, Collection.open(args.collection, args.home) if exists else None)
     else:
+        from caselens.ingest.sources.image_folder import ImageSourceConfig
+
         source = ImageSource(root=Path(args.images) if args.images else None,
                              manifest=Path(args.manifest) if args.manifest else None,
                              label_from_folder=args.label_from_folder,
                              dicom_options=_dicom_options(args, Collection.open(args.collection, args.home)
-                                                          if exists else None))
+                                                          if exists else None),
+                             config=ImageSourceConfig(source_paths=named))
     if exists:
         collection = Collection.open(args.collection, args.home)
         collection.check_encoder(encoder.info.to_record())
@@ -119,12 +124,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                       f"{encoder.info.spec} ({encoder.info.dim}-d, fingerprint {encoder.info.fingerprint})")
     if isinstance(source, ImageSource) or args.dicom:
         source.secret = collection.secret()  # pseudonyms are keyed per collection
+    from caselens.ingest.source_paths import apply_source_paths
+
+    mode = apply_source_paths(source, collection)
+    if mode != "relative" and not args.quiet:
+        console.print(f"input paths are stored {'as keyed hashes' if mode == 'hashed' else 'nowhere'} "
+                      f"(--source-paths {mode})", markup=False, highlight=False)
     report = ingest(source, collection, encoder, IngestConfig(batch_size=args.batch_size,
                                                               write_items=args.write_items,
                                                               build_index=not args.no_index,
                                                               progress=not args.quiet))
     console.print(report.summary())
-    return 0 if report.accepted or report.duplicates else 1
+    return 0 if report.accepted or report.duplicates or report.recovered else 1
 
 
 def _dicom_options(args: argparse.Namespace, existing: Collection | None = None) -> Any:
@@ -150,17 +161,11 @@ def _dicom_source(args: argparse.Namespace, existing: Collection | None) -> Any:
     if pooling == "maxmean" and args.unit == "instance":
         raise SourceError("--pooling maxmean pools the slices of a series or study: add --unit series or --unit study")
     config = DicomSourceConfig(unit=args.unit, slices=args.slices, pooling=pooling, workers=args.workers,
-                               options=_dicom_options(args, existing))
+                               options=_dicom_options(args, existing), source_paths=args.source_paths)
     paths = [Path(p).expanduser() for p in args.dicom]
-    if len(paths) == 1 and (paths[0].is_dir() or paths[0].name.upper() == "DICOMDIR"):
-        if not paths[0].exists():
-            raise SourceError(f"--dicom: {paths[0]} does not exist")
-        return DicomSource(paths[0], config=config)
-    files = [p.resolve() for p in paths]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise SourceError(f"--dicom: no such file(s): {', '.join(missing)}")
-    return DicomSource(Path(os.path.commonpath([str(f.parent) for f in files])), config=config, files=files)
+    if not any(p.exists() for p in paths):  # a typo, not an input to record: nothing given exists
+        raise SourceError(f"--dicom: no such file or folder: {', '.join(str(p) for p in paths)}")
+    return DicomSource(paths, config=config)  # one or several folders, DICOMDIRs and files
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -221,9 +226,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     collection = _open(args)
     result = search(collection, image=Path(args.image) if args.image else None, text=args.text, k=args.k,
                     where=args.where, exclude_same=args.exclude_same, mode=args.mode)
+    if args.csv:
+        from caselens.csv_safe import write_csv
+
+        extra = sorted({k for h in result.hits for k in h.metadata if k != "label"})
+        columns = ["rank", "score", "id", "kind", "label", "source", "text", *extra]
+        n = write_csv(args.csv, columns, ({"rank": h.rank, "score": h.score, "id": h.id, "kind": h.kind,
+                                           "label": h.label, "source": h.source, "text": h.text, **{
+                                               k: h.metadata.get(k) for k in extra}} for h in result.hits))
+        console.print(f"wrote {n} hits to {args.csv}", markup=False, highlight=False)
     if args.json:
         print(result.to_json())
-    else:
+    elif not args.csv:
         console.print(_hits_table(result))
     return 0
 
@@ -392,6 +406,12 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     rows = c.ledger(args.run)
     if args.status:
         rows = [r for r in rows if r["status"] == args.status]
+    if args.csv:
+        from caselens.csv_safe import write_csv
+
+        n = write_csv(args.csv, ["run_id", "time", "input", "item_id", "status", "reason_code", "reason"], rows)
+        console.print(f"wrote {n} ledger rows to {args.csv}", markup=False, highlight=False)
+        return 0
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -514,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", metavar="DIR", help="folder of images and/or DICOM files (read recursively)")
     s.add_argument("--manifest", metavar="CSV", help="CSV with path,label[,patient_id,...]; paths relative to it")
     s.add_argument("--label-from-folder", action="store_true", help="without a manifest: label = parent folder name")
-    s.add_argument("--dicom", nargs="+", metavar="PATH", help="a DICOM export (folder or DICOMDIR: DICOM found by "
-                   "its preamble, symlinks refused), or DICOM / NIfTI files")
+    s.add_argument("--dicom", nargs="+", metavar="PATH", help="DICOM exports (folders or DICOMDIRs: DICOM found by "
+                   "its preamble, symlinks refused) and/or DICOM / NIfTI files, one or several")
     s.add_argument("--unit", choices=["instance", "series", "study"], default="instance",
                    help="--dicom: one item per file (default), per series or per study (slices pooled)")
     s.add_argument("--slices", type=int, default=8, help="--dicom series/study units: slices sampled per series (default 8)")
@@ -545,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-items", type=int, default=1024, metavar="N",
                    help="items written to the collection together, or what 5 s brought (default 1024; "
                         "fewer: less work redone after a crash, more table versions)")
+    s.add_argument("--source-paths", choices=["relative", "hashed", "none"],
+                   help="how input files are named in the table, the ledger and results: relative paths, "
+                        "keyed hashes (default for DICOM and manifests with patient_id: folder and file names "
+                        "may name patients; images are still found again through the collection's local "
+                        "inputs.json), or nothing; a collection keeps its setting")
     s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS index afterwards")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_ingest)
@@ -568,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="dense",
                    help="text queries: dense vectors (default), BM25 keywords, or both fused by reciprocal rank")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--csv", metavar="FILE", help="write the hits (and their metadata columns) to a CSV file; "
+                                                 "cells that spreadsheets would run as formulas are neutralised")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("ask", help="answer a question from knowledge collections (and similar cases), with checked citations")
@@ -633,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--status", choices=["accepted", "duplicate", "rejected"])
     s.add_argument("--limit", type=int, default=50, help="rows to show (table output)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--csv", metavar="FILE", help="write every selected row to a CSV file (formula cells neutralised)")
     s.set_defaults(func=cmd_ledger)
 
     s = sub.add_parser("index", help="bring the FAISS index up to date (or --rebuild it)")
@@ -674,6 +702,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CaselensError, ValueError, KeyError, FileExistsError, ConnectionError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"caselens {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a full disk met by a library (LanceDB, FAISS): a known failure, no traceback
+        from caselens.files import disk_full
+
+        if not disk_full(exc):
+            raise
+        name = getattr(args, "collection", None)
+        where = f"collection {name!r} under {args.home}" if name else f"{args.home}"
+        print(f"caselens {args.command}: error: {where}: no space left on the device while writing; what was "
+              "stored before is intact: free space and run the command again", file=sys.stderr)
         return 2
 
 
