@@ -232,7 +232,7 @@ def search(collection: Collection, *, image: Path | None = None, text: str | Non
     if image is not None:
         item = read_query_image(image, collection)
         vector = encoder.encode_images([item.image])
-        desc = f"image {Path(image).name}"
+        desc = f"image {item.id}"  # its content id: a file name may name a patient
         if exclude_same:
             _check_column(collection, exclude_same)
             stored = collection.rows(f"id = {_quote(item.id)}", [exclude_same], limit=1).to_pylist()

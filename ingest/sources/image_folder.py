@@ -223,13 +223,15 @@ class ImageSource:
             return Rejection(ref, "missing_path", "manifest row has an empty 'path'")
         name = self.paths.name(rel)
         listed = self.manifest_dir / rel
+        problem = check_file(listed, name)
+        if problem is not None and problem.reason_code == "symlink":
+            return problem
         try:
             inside = listed.resolve().is_relative_to(self.manifest_dir)
         except (OSError, RuntimeError):
             inside = False
         if not inside:
             return Rejection(name, "outside_root", "path leaves the manifest's folder; refused")
-        problem = check_file(listed, name)
         if problem is not None:
             if problem.reason_code == "missing_file":
                 return Rejection(name, "missing_file", f"file listed on {ref} does not exist")
