@@ -35,7 +35,7 @@ def is_nifti(path: Path) -> bool:
 def _inside(path: Path, root: Path) -> bool:
     try:
         return path.resolve().is_relative_to(root)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
         return False
 
 
@@ -107,7 +107,7 @@ def walk_many(paths: list[Path]) -> Iterator[tuple[Path, str] | Rejection]:
 
 def _check_one(path: Path, rel: str, base: Path) -> Iterator[tuple[Path, str] | Rejection]:
     problem = check_file(path, rel)
-    if problem is not None and problem.reason_code == "symlink":
+    if problem is not None and problem.reason_code in ("symlink", "bad_path"):
         yield problem
     elif not _inside(path, base):
         yield Rejection(rel, "outside_root", "path leaves the input folder; refused")
@@ -135,6 +135,10 @@ def _dicomdir_inputs(dicomdir: Path, base: Path | None = None) -> Iterator[tuple
         if not parts:
             continue
         parts = [parts] if isinstance(parts, str) else list(parts)
+        if any("\0" in str(p) for p in parts):
+            yield Rejection("/".join(str(p).replace("\0", "") for p in parts), "bad_path",
+                            "the DICOMDIR names a file with a NUL character in its path")
+            continue
         path = folder.joinpath(*[str(p).strip() for p in parts])
         rel = os.path.relpath(path, base)
         if rel in seen:

@@ -52,12 +52,14 @@ def walk_files(root: Path, skip: frozenset[str] | set[str] = CLUTTER,
 def check_file(path: Path, rel: str) -> Rejection | None:
     """Why ``path`` is not a regular file that may be read (symlink, missing, folder, special
     file), or None when it is one."""
+    if "\0" in str(path):
+        return Rejection(rel, "bad_path", "the path holds a NUL character; no file can have that name")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return Rejection(rel, "missing_file", "file does not exist")
-    except OSError as exc:
-        return Rejection(rel, "unreadable", f"cannot read file: {exc.strerror or exc}")
+    except (OSError, ValueError) as exc:  # ValueError: a name the OS cannot take
+        return Rejection(rel, "unreadable", f"cannot read file: {getattr(exc, 'strerror', None) or exc}")
     if stat.S_ISLNK(mode):
         return Rejection(rel, "symlink", "symbolic link; not followed (copy the file into the input folder instead)")
     if stat.S_ISDIR(mode):

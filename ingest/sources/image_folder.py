@@ -224,6 +224,8 @@ class ImageSource:
         name = self.paths.name(rel)
         listed = self.manifest_dir / rel
         problem = check_file(listed, name)
+        if problem is not None and problem.reason_code == "bad_path":
+            return problem
         if problem is not None and problem.reason_code == "symlink":
             return problem
         try:
