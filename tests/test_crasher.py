@@ -33,7 +33,12 @@ def test_fault_point_kills_at_the_named_passage_and_traces(tmp_path: Path) -> No
 def test_crasher_ci_mode_survives_every_kill(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("crasher", ROOT / "benchmarks" / "crasher.py")
     crasher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(crasher)
+    sys.modules["crasher"] = crasher  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(crasher)
+    except BaseException:
+        sys.modules.pop("crasher", None)
+        raise
     out = tmp_path / "crasher.json"
     code = crasher.main(["--mode", "ci", "--out", str(out), "--work", str(tmp_path)])
     summary = json.loads(out.read_text())["summary"]

@@ -25,8 +25,10 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,6 +389,33 @@ def _decode_with(raw: bytes, plugin: str) -> np.ndarray:
 _ISOLATED: Any = None  # the process pool of decode_isolated, made on first use
 
 
+def exit_with_parent(pid: int, every_s: float = 0.5) -> None:
+    """In a worker process: end it (``os._exit``) soon after process ``pid`` is gone. A pool's
+    worker otherwise outlives a parent killed with SIGKILL (or ended by ``exit()`` from C, as
+    libFuzzer does), blocked on its task queue, and keeps the forkserver and the parent's
+    stdout alive with it."""
+
+    def alive() -> bool:
+        try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):  # no /proc: ask the kernel whether the number is taken
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(every_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def decode_isolated(raw: bytes, plugin: str, timeout_s: float = 120.0) -> np.ndarray:
     """Decode the pixels of a DICOM file's bytes with ``plugin`` in a child process, so that a
     decoder which aborts (rather than raising) rejects the file (``decoder_crashed``) instead of
@@ -402,7 +431,8 @@ def decode_isolated(raw: bytes, plugin: str, timeout_s: float = 120.0) -> np.nda
         return _decode_with(raw, plugin)
     if _ISOLATED is None:
         ctx = multiprocessing.get_context("forkserver")
-        _ISOLATED = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        _ISOLATED = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=exit_with_parent,
+                                        initargs=(os.getpid(),))
     try:
         return _ISOLATED.submit(_decode_with, raw, plugin).result(timeout=timeout_s if timeout_s > 0 else None)
     except BrokenProcessPool:

@@ -35,7 +35,7 @@ from caselens.ingest.dicom_scan import (InstanceHeader, common_base, header_of, 
                                         walk_many)
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
 from caselens.ingest.source_paths import PathNamer, check_mode
-from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, decode_frames, is_dicom
+from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, decode_frames, exit_with_parent, is_dicom
 from caselens.ingest.volumes import POOLINGS, UNITS, NiftiReadError, Volume, read_nifti, sample_indices
 
 
@@ -119,14 +119,17 @@ def _nifti_task(path: str, rel: str, n_slices: int, options: DicomOptions) -> tu
         return Rejection(rel, "corrupt_nifti", f"NIfTI file could not be read ({type(exc).__name__})")
 
 
-def _worker_init(memory_bytes: int = 0) -> None:
+def _worker_init(memory_bytes: int = 0, parent: int = 0) -> None:
     """Decoding process setup: Ctrl-C is the parent's to handle; the address space may grow by
     at most ``memory_bytes`` beyond what the process holds now (0: no bound), so a decoder that
-    runs away fails with MemoryError (a ``too_large`` rejection) instead of exhausting the host."""
+    runs away fails with MemoryError (a ``too_large`` rejection) instead of exhausting the host;
+    the worker ends when the ``parent`` process is gone (a killed ingest leaves no orphans)."""
     import resource
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent:
+        exit_with_parent(parent)
     if memory_bytes > 0:
         try:
             with open("/proc/self/statm") as fh:
@@ -173,7 +176,7 @@ def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, wi
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                   initargs=(memory_bytes,))
+                                   initargs=(memory_bytes, os.getpid()))
 
     pending: OrderedDict[int, tuple[tuple, Future]] = OrderedDict()
     # With a pixel budget, the window holds as many tasks as results the size of the largest one
