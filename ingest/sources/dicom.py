@@ -21,6 +21,7 @@ Metadata: only what :func:`caselens.ingest.deid.kept_metadata` keeps (PS3.15 bas
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
@@ -416,6 +417,13 @@ def exit_with_parent(pid: int, every_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _shutdown_isolated() -> None:
+    global _ISOLATED
+    if _ISOLATED is not None:
+        _ISOLATED.shutdown(wait=True, cancel_futures=True)
+        _ISOLATED = None
+
+
 def decode_isolated(raw: bytes, plugin: str, timeout_s: float = 120.0) -> np.ndarray:
     """Decode the pixels of a DICOM file's bytes with ``plugin`` in a child process, so that a
     decoder which aborts (rather than raising) rejects the file (``decoder_crashed``) instead of
@@ -433,6 +441,7 @@ def decode_isolated(raw: bytes, plugin: str, timeout_s: float = 120.0) -> np.nda
         ctx = multiprocessing.get_context("forkserver")
         _ISOLATED = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=exit_with_parent,
                                         initargs=(os.getpid(),))
+        atexit.register(_shutdown_isolated)
     try:
         return _ISOLATED.submit(_decode_with, raw, plugin).result(timeout=timeout_s if timeout_s > 0 else None)
     except BrokenProcessPool:
