@@ -702,6 +702,8 @@ class Collection:
 
     def ledger_ids(self, status: str = "accepted") -> set[str]:
         """Item ids that have a ledger row of ``status`` (one scan of two ledger columns)."""
+        if status not in ("accepted", "duplicate", "rejected", "deleted"):
+            raise ValueError(f"ledger status {status!r} is not one of accepted, duplicate, rejected, deleted")
         table = self._db.open_table(LEDGER)
         n = table.count_rows()
         if not n:

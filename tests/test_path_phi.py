@@ -27,26 +27,11 @@ from caselens.retrieval.rag import AskConfig, ask
 from caselens.retrieval.rag.images import item_images
 from caselens.retrieval.search import search, search_vector
 
+from test_rag_images import Seeing  # a generator that sees images and keeps its request
+
 CANARY = "CANARY"
 WORDS = (CANARY, "Smith_John", "MRN778899", "Doe_Jane")
 OPEN = AskConfig(min_score=-1.0, require_citations=False)
-
-
-class Seeing:
-    """A generator that sees images and keeps its request (as in test_rag_images)."""
-
-    name = "seeing"
-    takes_images = True
-
-    def __init__(self) -> None:
-        self.request = None
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def generate(self, request) -> str:
-        self.request = request
-        return "Similar case [case:x]."
 
 
 def _leaks(text: str | bytes) -> list[str]:

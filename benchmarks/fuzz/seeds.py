@@ -44,29 +44,20 @@ def _dicomdir() -> list[bytes]:
 
 
 def _pdfs() -> list[bytes]:
-    def pdf(pages: list[str]) -> bytes:
-        n = len(pages)
-        ids = [5 + 2 * i for i in range(n)]
-        objs = {1: "<< /Type /Catalog /Pages 2 0 R >>",
-                2: f"<< /Type /Pages /Kids [{' '.join(f'{p} 0 R' for p in ids)}] /Count {n} >>",
-                3: "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>", 4: "<< /Title (Fuzz) >>"}
-        for pid, text in zip(ids, pages):
-            content = f"BT /F1 10 Tf 50 760 Td ({text}) Tj ET"
-            objs[pid] = (f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R "
-                         f">> >> /Contents {pid + 1} 0 R >>")
-            objs[pid + 1] = f"<< /Length {len(content)} >>\nstream\n{content}\nendstream"
-        out, offsets = b"%PDF-1.4\n", {}
-        for num in sorted(objs):
-            offsets[num] = len(out)
-            out += f"{num} 0 obj\n{objs[num]}\nendobj\n".encode("latin-1")
-        xref, size = len(out), max(objs) + 1
-        out += f"xref\n0 {size}\n0000000000 65535 f \n".encode()
-        out += b"".join(f"{offsets[i]:010d} 00000 n \n".encode() for i in range(1, size))
-        out += f"trailer\n<< /Size {size} /Root 1 0 R /Info 4 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-        return out
+    import sys
+    import tempfile
 
-    return [pdf(["The lungs exchange oxygen with the blood. Figure 1.2 shows it."]),
-            pdf(["Page one about bone tissue and osteoblasts.", "Page two about cartilage."])]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    try:
+        from test_pdf import write_text_pdf  # the test suite's real-PDF writer
+    finally:
+        sys.path.pop(0)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, pages in enumerate([[["The lungs exchange oxygen with the blood.", "Figure 1.2 shows it."]],
+                                   [["Page one about bone tissue and osteoblasts."], ["Page two about cartilage."]]]):
+            out.append(write_text_pdf(Path(tmp) / f"{i}.pdf", pages).read_bytes())
+    return out
 
 
 def _manifests() -> list[bytes]:
