@@ -129,9 +129,16 @@ def _dicomdir_inputs(dicomdir: Path, base: Path | None = None) -> Iterator[tuple
         records = list(ds.get("DirectoryRecordSequence", []))
     except DicomReadError as exc:
         raise SourceError(f"DICOMDIR {dicomdir} cannot be read: {exc}") from None
+    except Exception as exc:  # a damaged value met while reading the records
+        raise SourceError(f"DICOMDIR {dicomdir} cannot be read ({type(exc).__name__})") from None
     seen: set[str] = set()
     for record in records:
-        parts = record.get("ReferencedFileID")
+        try:
+            parts = record.get("ReferencedFileID")
+        except Exception as exc:  # a damaged record: this one is skipped, with its reason
+            yield Rejection(f"DICOMDIR record {len(seen) + 1}", "corrupt_dicomdir",
+                            f"a DICOMDIR record cannot be read ({type(exc).__name__})")
+            continue
         if not parts:
             continue
         parts = [parts] if isinstance(parts, str) else list(parts)
@@ -190,25 +197,27 @@ def _header_of(path: Path, rel: str, secret: bytes, options: DicomOptions) -> In
     try:
         ds = read_header(path, options)
         _, _, frames, _, _ = check_header(ds, options)
+        # pydicom converts values when they are first read: a damaged one raises here, not above
+        pid = str(ds.get("PatientID", "") or "").strip()
+        study = str(ds.get("StudyInstanceUID", "") or "").strip()
+        series = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        modality = str(ds.get("Modality", "") or "").strip()
+        try:
+            number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+        except (TypeError, ValueError):
+            number = None
+        position = _slice_position(ds)
     except DicomReadError as exc:
         code = exc.code if preamble or exc.code != "corrupt_dicom" else "not_dicom"
         reason = str(exc) if code != "not_dicom" else "not a DICOM file (no DICM preamble, no readable header)"
         return Rejection(rel, code, reason)
     except Exception as exc:  # odd headers: a rejection, never a crash
         return Rejection(rel, "corrupt_dicom", f"DICOM header could not be read ({type(exc).__name__})")
-    pid = str(ds.get("PatientID", "") or "").strip()
-    study = str(ds.get("StudyInstanceUID", "") or "").strip()
-    series = str(ds.get("SeriesInstanceUID", "") or "").strip()
-    try:
-        number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
-    except (TypeError, ValueError):
-        number = None
     return InstanceHeader(path=path, rel=rel,
                           patient=pseudonym(pid, secret, "patient") if pid else "pt-unknown",
                           study=pseudonym(study, secret, "uid") if study else "unknown",
                           series=pseudonym(series, secret, "uid") if series else "unknown",
-                          modality=str(ds.get("Modality", "") or "").strip(), frames=frames,
-                          position=_slice_position(ds), instance_number=number)
+                          modality=modality, frames=frames, position=position, instance_number=number)
 
 
 def order_slices(instances: list[InstanceHeader]) -> list[InstanceHeader]:

@@ -64,6 +64,30 @@ def test_rle_decoder_panic_is_a_rejection(tmp_path: Path) -> None:
     assert info.value.code in ("corrupt_dicom", "undecodable_pixels")
 
 
+def test_header_values_damaged_past_the_first_read_are_rejections(tmp_path: Path) -> None:
+    # found by fuzzing: pydicom converts a value when it is first read, so an unknown VR in
+    # Modality raised NotImplementedError after the guarded header read (scan and series units
+    # crashed); a wrong-length group length in a DICOMDIR's file meta raised BytesLengthException
+    from caselens.errors import SourceError
+    from caselens.ingest.dicom_scan import header_of, scan, walk_inputs
+    from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "IM1").write_bytes(_pydicom_file("CT_small.dcm").replace(b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00C["))
+    found = header_of(export / "IM1", "IM1", b"k", DicomOptions())
+    assert isinstance(found, Rejection) and found.reason_code == "corrupt_dicom"
+    assert scan(export, b"k").summary()["unreadable"] == 1
+    codes = [getattr(x, "reason_code", "item") for x in DicomSource(export, b"k", DicomSourceConfig(unit="series"))]
+    assert codes == ["corrupt_dicom"]
+    from pydicom.data import get_testdata_file
+
+    dicomdir = Path(get_testdata_file("DICOMDIR")).read_bytes()
+    (tmp_path / "DICOMDIR").write_bytes(dicomdir.replace(b"\x02\x00\x00\x00UL\x04\x00", b"\x02\x00\x00\x00UN\x04\x00", 1))
+    with pytest.raises(SourceError, match="DICOMDIR .* cannot be read"):
+        list(walk_inputs(tmp_path / "DICOMDIR"))
+
+
 def test_decoder_that_aborts_the_process_rejects_the_file_instead() -> None:
     # found by fuzzing: damaged JPEG data makes GDCM throw a C++ exception nobody catches
     # (std::terminate: the whole ingest died). GDCM now runs last, in a child process.

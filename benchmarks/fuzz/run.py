@@ -47,6 +47,8 @@ def fuzz_one(target: str, seconds: int, work: Path, rss_mb: int, timeout_s: int,
     cov = re.findall(r"cov: (\d+)", log)
     crashes = []
     for path in sorted(artifacts.glob("*")):
+        if not path.name.startswith(("crash-", "timeout-", "oom-", "leak-")):  # slow-unit-: slow, not a crash
+            continue
         data = path.read_bytes()
         crashes.append({"kind": path.name.split("-")[0], "bytes": len(data),
                         "input_base64": base64.b64encode(data).decode() if len(data) <= 16384 else None})

@@ -198,6 +198,8 @@ def read_header(path: Path, options: DicomOptions | None = None) -> Any:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
             IndexError, OverflowError, MemoryError, NotImplementedError) as exc:
         raise DicomReadError("corrupt_dicom", f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # pydicom's own errors on damaged values (BytesLengthException, ...)
+        raise DicomReadError("corrupt_dicom", f"not a readable DICOM file ({type(exc).__name__})") from None
     return ds
 
 
