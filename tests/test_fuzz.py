@@ -54,6 +54,16 @@ def test_manifest_path_with_a_nul_byte_is_rejected(tmp_path: Path) -> None:
     assert [getattr(x, "reason_code", "item") for x in out] == ["bad_path", "item"]
 
 
+def test_manifest_naming_a_column_twice_is_refused_clearly(tmp_path: Path) -> None:
+    # found by fuzzing: columns were typed by position and read by name, so a header naming a
+    # column twice made float("x") fail in the middle of an ingest
+    from caselens.errors import SourceError
+
+    (tmp_path / "manifest.csv").write_text("path,age,label,age\na.png,40,x,old\n")
+    with pytest.raises(SourceError, match="more than once"):
+        ImageSource(manifest=tmp_path / "manifest.csv")
+
+
 def test_rle_decoder_panic_is_a_rejection(tmp_path: Path) -> None:
     # found by fuzzing: one byte inserted into an RLE segment makes pylibjpeg-rle (Rust) panic, and
     # pyo3's PanicException derives from BaseException: it went past `except Exception`

@@ -116,6 +116,10 @@ class ImageSource:
             raise SourceError(f"manifest {self.manifest} has no readable header line ({why}); the first line "
                               "must name the columns, one of them 'path'")
         self.columns = [c.strip() for c in header.fields]
+        twice = sorted({c for c in self.columns if self.columns.count(c) > 1})
+        if twice:
+            raise SourceError(f"manifest {self.manifest} names column(s) {twice} more than once; give each "
+                              "column one name")
         if "path" not in self.columns:
             raise SourceError(f"manifest {self.manifest} has no 'path' column (columns: {self.columns}); "
                               "add one with each image's path relative to the manifest")
