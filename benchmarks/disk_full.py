@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "disk_full.json"
-CASELENS = [sys.executable, "-m", "caselens.retrieval.cli"]
+CASELENS = [sys.executable, "-m", "caselens.cli"]
 
 
 def can_mount(where: Path) -> str | None:

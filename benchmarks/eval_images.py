@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -56,16 +54,18 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from caselens.files import atomic_write_bytes
+from caselens.indexes import derived
 from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, IngestReport, ingest
 from caselens.ingest.sources.image_folder import ImageSource
 from caselens.ingest.encoders import Encoder, load_encoder
 from caselens.retrieval.eval.retrieval_eval import RetrievalEval, evaluate_retrieval
+from harness import RESULTS, SHARED_DATA, SHARED_MODELS, machine_info
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_MODELS_ROOT = REPO_ROOT.parent / "shared" / "models"
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "eval_images.json"
+DEFAULT_DATA_ROOT = SHARED_DATA
+DEFAULT_MODELS_ROOT = SHARED_MODELS
+DEFAULT_OUT = RESULTS / "eval_images.json"
 DATASETS = ("nih_cxr", "isic", "retinamnist", "breastmnist")
 K = 10
 LABEL_COLUMN = "label"
@@ -146,32 +146,6 @@ def find_datasets(data_root: Path, names: Sequence[str]) -> list[Dataset]:
     return out
 
 
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, Python and library versions, to read the timings by."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "python": platform.python_version(),
-        "versions": {name: package_version(name) for name in
-                     ("caselens", "faiss-cpu", "lancedb", "numpy", "pyarrow", "pillow", "ai-edge-litert")},
-    }
-
-
 def collection_name(dataset: str, encoder_key: str) -> str:
     return f"{dataset}-{encoder_key}"
 
@@ -222,7 +196,7 @@ def run_one(dataset: Dataset, choice: EncoderChoice, encoder: TimedEncoder, load
     encoder.reset()
     report = ingest(source, collection, encoder, IngestConfig(build_index=False, progress=False))
     start = time.perf_counter()
-    collection.build_index()
+    derived.refresh(collection)
     index_seconds = time.perf_counter() - start
     ingested = ingest_record(report, encoder, load_seconds, index_seconds)
 
@@ -247,11 +221,9 @@ def error_record(dataset: Dataset, choice: EncoderChoice, stage: str, exc: BaseE
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` via a temporary file, so a partial file is never left."""
+    """Write ``payload`` to ``path`` atomically, so a partial file is never left."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -29,18 +29,15 @@ From the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import SHARED_DATA, write_result
 
 
 def build_export(folder: Path, copies: int, shared: Path) -> dict[str, int]:
@@ -60,7 +57,7 @@ def build_export(folder: Path, copies: int, shared: Path) -> dict[str, int]:
     folder.mkdir(parents=True)
     n = 0
     for name, root in roots.items():
-        good = [it for it in DicomSource(root, b"bench") if isinstance(it, Item)]
+        good = [it for it in DicomSource(root, b"bench-key-" * 4) if isinstance(it, Item)]
         counts[name] = len(good)
         for it in good:
             with warnings.catch_warnings():
@@ -87,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="classic", help="encoder name (default classic)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="each stage runs this often; the best time counts")
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest_dicom.json"))
+    p.add_argument("--data-root", default=str(SHARED_DATA))
+    p.add_argument("--out", default="ingest_dicom.json")
     args = p.parse_args(argv)
 
     from caselens.indexes.collection import Collection
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):  # best of N: the machine may be shared
             # 1. decode + preprocess alone
             t = time.perf_counter()
-            items = [it for it in DicomSource(export, b"bench", config) if isinstance(it, Item)]
+            items = [it for it in DicomSource(export, b"bench-key-" * 4, config) if isinstance(it, Item)]
             best["decode"] = min(best["decode"], time.perf_counter() - t)
             n = len(items)
             # 2. encoder alone, on the same images
@@ -135,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         slower = min(rates["decode"], rates["encode"])
         result = {
             "benchmark": "ingest_dicom",
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
             "encoder": encoder.info.spec, "workers": args.workers, "batch_size": args.batch_size,
             "copies": args.copies, "repeats": args.repeats, "inputs": counts, "instances": n,
             "load_average_before_after": [list(load_before), list(os.getloadavg())],
@@ -148,10 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "rejected": dict(report.rejected)},
             "note": "pipeline time includes LanceDB writes, the ledger, compaction and the FAISS index build",
         }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"pipeline / slower stage = {result['pipeline_over_slower_stage']:.2f} (target 0.90); wrote {out}")
+        print(f"pipeline / slower stage = {result['pipeline_over_slower_stage']:.2f} (target 0.90)")
+        write_result(args.out, result)
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -56,7 +56,7 @@ def make_corpus(folder: Path, kind: str, rows: int, huge_bytes: int) -> tuple[Pa
 
 
 def run_one(python: str, corpus: Path, huge_line: int, home: Path, timeout: float) -> dict:
-    cmd = [python, "-m", "caselens.retrieval.cli", "--home", str(home), "ingest", "bench", "--text", str(corpus),
+    cmd = [python, "-m", "caselens.cli", "--home", str(home), "ingest", "bench", "--text", str(corpus),
            "-q", "--no-index"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     err_file = home.parent / "stderr.txt"

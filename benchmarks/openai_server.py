@@ -21,7 +21,8 @@ import threading
 import time
 from typing import Any
 
-from caselens.retrieval.rag.generators import TransformersGenerator, load_generator
+from caselens.retrieval.rag.generators import TransformersGenerator
+from caselens.retrieval.rag.registry import load_generator
 
 
 def chat_text(messages: list[dict[str, Any]]) -> tuple[str, int]:

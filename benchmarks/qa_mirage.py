@@ -11,7 +11,6 @@ results go to benchmarks/results/qa_mirage.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,19 +18,19 @@ from pathlib import Path
 from caselens.indexes.collection import Collection
 from caselens.retrieval.eval.qa_eval import evaluate_qa
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import SHARED_DATA, write_result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--home", required=True)
     p.add_argument("--knowledge", required=True)
-    p.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "qa" / "mirage_dev.json"))
+    p.add_argument("--questions", default=str(SHARED_DATA / "qa" / "mirage_dev.json"))
     p.add_argument("--generators", default="extractive,gemma")
     p.add_argument("--limit-per-task", type=int, default=40)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--min-score", type=float, default=0.25)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qa_mirage.json"))
+    p.add_argument("--out", default="qa_mirage.json")
     args = p.parse_args()
     knowledge = [Collection.open(n, args.home) for n in args.knowledge.split(",")]
     out = {"questions": args.questions, "limit_per_task": args.limit_per_task, "k": args.k, "runs": []}
@@ -44,9 +43,7 @@ def main() -> None:
         for task, t in result.tasks.items():
             print(f"{name:12s} {task:10s} n={t.n:3d} closed={t.accuracy_closed_book} rag={t.accuracy_rag} answered={t.accuracy_answered} "
                   f"gold_recall={t.gold_recall} abstain={t.abstention_rate}")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+        write_result(args.out, out)  # after each generator: a stopped run keeps what it measured
 
 
 if __name__ == "__main__":

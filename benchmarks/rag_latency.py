@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -23,31 +20,25 @@ from caselens.indexes.collection import Collection
 from caselens.retrieval.eval.qa_eval import load_questions
 from caselens.retrieval.rag import AskConfig, ask, load_generator
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+from harness import SHARED_DATA, percentiles, write_result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--home", required=True)
     p.add_argument("--knowledge", required=True, help="knowledge collection(s), comma-separated")
-    p.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "qa" / "mirage_dev.json"))
+    p.add_argument("--questions", default=str(SHARED_DATA / "qa" / "mirage_dev.json"))
     p.add_argument("--generators", default="extractive,gemma")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rag_latency.json"))
+    p.add_argument("--out", default="rag_latency.json")
     args = p.parse_args()
 
     data = load_questions(Path(args.questions))
     pool = [(task, qid, q) for task, qs in data.items() for qid, q in qs.items()]
     sample = random.Random(0).sample(pool, min(args.n + 1, len(pool)))
     knowledge = [Collection.open(n, args.home) for n in args.knowledge.split(",")]
-    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "knowledge": args.knowledge, "k": args.k, "n": len(sample) - 1, "generators": {}}
+    report = {"knowledge": args.knowledge, "k": args.k, "n": len(sample) - 1, "generators": {}}
     for name in args.generators.split(","):
         start = time.perf_counter()
         gen = load_generator(name)
@@ -62,13 +53,10 @@ def main() -> None:
             for stage in ("retrieval", "prompt", "generation"):
                 stages[stage].append(t[stage])
             stages["total"].append(t["retrieval"] + t["prompt"] + t["generation"])
-        report["generators"][gen.name] = {"load_seconds": round(load_s, 2), **{
-            stage: {"p50_ms": round(percentile(v, 0.5), 1), "p90_ms": round(percentile(v, 0.9), 1),
-                    "mean_ms": round(statistics.mean(v), 1)} for stage, v in stages.items()}}
+        report["generators"][gen.name] = {"load_seconds": round(load_s, 2),
+                                          **{stage: percentiles(v, 1) for stage, v in stages.items()}}
         print(name, json.dumps(report["generators"][gen.name]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ What it measures
    text ("Figure 22.4 Upper Airway"), its title ("Upper Airway") is searched in each mode and the
    page holding the figure (gold: ``openstax_pages.jsonl``) must come back: hit@1, hit@5.
 
+With ``--encoders SPEC,SPEC,...`` (issue 13) it compares text encoders instead of sections 2-3
+for the default one: **encoder alone** on the same ``--encode-sample`` chunks, the encoders
+taking turns batch by batch (64 chunks) so that load changes on a shared machine hit all of
+them alike (chunks/s by wall clock, and per CPU-second of this process); then the **pipeline**
+(``--pipeline-rows`` rows into a fresh collection) for each, followed at once by the encoder
+alone on the chunks that run stored, so the pipeline's share of the encoder-alone rate is taken
+under similar load; and, measured inside the pipeline run itself (so that a change of load
+cannot skew it), the share of its wall time spent in the encoder, which is the pipeline's rate
+as a share of the encoder's. Writes ``text_encoders.json``.
+
 Rerun
 -----
 From the repository root (the full collection first, ~15-25 min on 2 CPU cores)::
@@ -27,7 +37,10 @@ From the repository root (the full collection first, ~15-25 min on 2 CPU cores):
     .venv/bin/caselens --home /tmp/cl-bench ingest pubmed --text ../shared/data/corpus/pubmed_abstracts.jsonl
     .venv/bin/python benchmarks/text_ingest.py --home /tmp/cl-bench --collection pubmed
 
-Writes ``benchmarks/results/text_ingest.json``.
+    nice -n 10 .venv/bin/python benchmarks/text_ingest.py --encode-sample 512 --pipeline-rows 300 \
+        --encoders sentence-transformers:all-MiniLM-L6-v2,onnx-text:all-MiniLM-L6-v2@fp32,onnx-text:all-MiniLM-L6-v2@int8
+
+Writes ``benchmarks/results/text_ingest.json`` (``--encoders``: ``text_encoders.json``).
 """
 
 from __future__ import annotations
@@ -105,6 +118,73 @@ def bench_pipeline(corpus: Path, encoder: Any, rows: int, home: Path) -> dict[st
     seconds = time.perf_counter() - start
     return {"rows": rows, "chunks": report.accepted, "rejected": dict(report.rejected), "seconds": round(seconds, 2),
             "chunks_per_s": round(report.accepted / seconds, 1), "rows_per_s": round(rows / seconds, 1)}
+
+
+def compare_encoders(specs: list[str], texts: list[str], corpus: Path, n: int, rows: int, home: Path) -> dict[str, Any]:
+    """Encoder alone (taking turns batch by batch) and pipeline with the encoder alone right after."""
+    encoders = {}
+    for spec in specs:
+        t = time.perf_counter()
+        encoders[spec] = load_encoder(spec)
+        print(f"loaded {spec} in {time.perf_counter() - t:.1f}s", flush=True)
+    sample = texts[:n]
+    wall = {s: 0.0 for s in specs}
+    cpu = {s: 0.0 for s in specs}
+    for enc in encoders.values():
+        enc.encode_texts(sample[:8])  # warm-up
+    for i in range(0, len(sample), 64):
+        for spec, enc in encoders.items():
+            t, c = time.perf_counter(), time.process_time()
+            enc.encode_texts(sample[i:i + 64])
+            wall[spec] += time.perf_counter() - t
+            cpu[spec] += time.process_time() - c
+    out: dict[str, Any] = {}
+    for spec in specs:
+        out[spec] = {"fingerprint": encoders[spec].info.fingerprint, "encoder_alone": {
+            "chunks": len(sample), "seconds": round(wall[spec], 2), "chunks_per_s": round(len(sample) / wall[spec], 1),
+            "chunks_per_cpu_s": round(len(sample) / cpu[spec], 1), "batch": 64}}
+    base = out[specs[0]]["encoder_alone"]["chunks_per_s"]
+    for spec in specs:
+        out[spec]["encoder_alone"]["speedup_vs_first"] = round(out[spec]["encoder_alone"]["chunks_per_s"] / base, 2)
+        print(spec, json.dumps(out[spec]["encoder_alone"]), flush=True)
+    for i, (spec, enc) in enumerate(encoders.items()):
+        coll = Collection.create(f"pipeline-{i}", enc.info.to_record(), home)
+        source = TextCorpusSource(corpus, limit=rows, chunker=chunker_for(enc))
+        in_encoder = [0.0]
+        encode = enc.encode_texts
+
+        def timed(texts: list[str], encode: Any = encode) -> Any:  # the encoder's share of the run's wall time
+            t0 = time.perf_counter()
+            try:
+                return encode(texts)
+            finally:
+                in_encoder[0] += time.perf_counter() - t0
+
+        enc.encode_texts = timed
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            report = ingest(source, coll, enc, IngestConfig(batch_size=64, progress=False))
+        finally:
+            del enc.encode_texts
+        seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
+        stored = [r["text"] for r in coll.rows(columns=["text"]).to_pylist()]
+        t = time.perf_counter()
+        for j in range(0, len(stored), 64):
+            enc.encode_texts(stored[j:j + 64])
+        alone = time.perf_counter() - t
+        out[spec]["pipeline"] = {
+            "rows": rows, "chunks": report.accepted, "seconds": round(seconds, 2),
+            "chunks_per_s": round(report.accepted / seconds, 1),
+            "encoder_alone_same_chunks_chunks_per_s": round(len(stored) / alone, 1),
+            "pipeline_share_of_encoder_alone": round(alone / seconds, 3),
+            "pipeline_chunks_per_cpu_s": round(report.accepted / cpu_seconds, 1),
+            # in the same run, so load changes cannot skew it: pipeline rate / encoder rate
+            "encoder_share_of_pipeline_wall": round(in_encoder[0] / seconds, 3)}
+        print(spec, json.dumps(out[spec]["pipeline"]), flush=True)
+    base = out[specs[0]]["pipeline"]["chunks_per_s"]
+    for spec in specs:
+        out[spec]["pipeline"]["speedup_vs_first"] = round(out[spec]["pipeline"]["chunks_per_s"] / base, 2)
+    return out
 
 
 def full_collection_facts(coll: Collection) -> dict[str, Any]:
@@ -193,7 +273,7 @@ def bench_pdfs(pdf_dir: Path, pages_gold: Path, encoder: Any, home: Path) -> dic
     for mode in MODES:
         h1 = h5 = 0
         for (pdf, label), title in captions.items():
-            found = [doc_page[r] for _, r in ranker.rank(title, 5, mode)]
+            found = [doc_page[r] for _, r in ranker.rank(title, 5, mode)[0]]
             h1 += found[:1] == [(pdf, gold[(pdf, label)])]
             h5 += (pdf, gold[(pdf, label)]) in found
         scores[mode] = {"hit@1": round(h1 / len(captions), 3), "hit@5": round(h5 / len(captions), 3)}
@@ -223,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encode-sample", type=int, default=2000)
     p.add_argument("--pipeline-rows", type=int, default=1500)
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--encoders", help="comma-separated encoder names to compare (see the module doc); the "
+                   "first is the reference for speed-ups")
     p.add_argument("--skip", nargs="*", default=[], choices=["chunking", "encoding", "pipeline", "latency", "pdfs"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -234,6 +316,20 @@ def main(argv: list[str] | None = None) -> int:
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
         "encoder": encoder.info.spec, "corpus": str(corpus.name)}
     tmp_home = Path(tempfile.mkdtemp(prefix="cl-text-bench-"))
+    if args.encoders:
+        try:
+            chunking, texts = bench_chunking(corpus, encoder)
+            result.update(benchmark="text_encoders", chunking=chunking, encode_sample=args.encode_sample,
+                          pipeline_rows=args.pipeline_rows,
+                          variants=compare_encoders(args.encoders.split(","), texts, corpus, args.encode_sample,
+                                                    args.pipeline_rows, tmp_home))
+        finally:
+            shutil.rmtree(tmp_home, ignore_errors=True)
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("text_encoders.json")
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return 0
     try:
         texts: list[str] = []
         if "chunking" not in args.skip or "encoding" not in args.skip:

@@ -16,12 +16,21 @@ the fusion rank constant and the relative weight of the two rankings decide whet
 the script also reports, as a diagnosis, the per-question wins and losses of each mode against
 the others (which questions each finds at rank 1 that the other misses).
 
+With ``--variants SPEC,SPEC,...`` it compares text encoders instead (issue 13: the ONNX variants
+against PyTorch): for each encoder name it ingests the corpus into a fresh collection under
+``--work`` (timed: the whole pipeline's chunks/s) and scores dense retrieval (recall@k, nDCG@10,
+MRR@10). ``--distractors N`` ingests a fixed subset instead of the whole corpus: every gold
+document of the dev questions plus ``N`` other documents drawn with seed 0 (recall on a subset is
+higher than on the whole corpus; compare the variants with each other, on the same subset).
+
 Rerun
 -----
     .venv/bin/caselens --home /tmp/cl-bench ingest pubmed --text ../shared/data/corpus/pubmed_abstracts.jsonl
     .venv/bin/python benchmarks/text_retrieval.py --home /tmp/cl-bench --collection pubmed
+    nice -n 10 .venv/bin/python benchmarks/text_retrieval.py --work /tmp/cl-variants --distractors 2254 \
+        --variants sentence-transformers:all-MiniLM-L6-v2,onnx-text:all-MiniLM-L6-v2@fp32,onnx-text:all-MiniLM-L6-v2@int8
 
-Writes ``benchmarks/results/text_retrieval.json``.
+Writes ``benchmarks/results/text_retrieval.json`` (``--variants``: ``text_encoder_variants.json``).
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ def diagnose(coll: Collection, questions: Path, k: int = 10) -> dict[str, Any]:
         vecs = encoder.encode_queries([q for q, _ in qs])
         found: dict[str, list[bool]] = {}
         for mode in ("bm25", "dense", "hybrid"):
-            found[mode] = [bool(g & set(_dedupe([r for _, r in ranker.rank(q, 300, mode, vector=vecs[i])],
+            found[mode] = [bool(g & set(_dedupe([r for _, r in ranker.rank(q, 300, mode, vector=vecs[i])[0]],
                                                 doc_of, k)))
                            for i, (q, g) in enumerate(qs)]
         pair = lambda a, b: sum(x and not y for x, y in zip(found[a], found[b]))  # noqa: E731
@@ -77,13 +86,68 @@ def diagnose(coll: Collection, questions: Path, k: int = 10) -> dict[str, Any]:
     return out
 
 
+def subset_corpus(corpus: Path, questions: Path, distractors: int, out: Path) -> dict[str, Any]:
+    """Every gold document of ``questions`` in ``corpus`` plus ``distractors`` others (seed 0)."""
+    import random
+
+    data = load_questions(questions)
+    gold = set().union(*(_gold_ids(q) for task in data.values() for q in task.values()))
+    rows = [line for line in corpus.open() if line.strip()]
+    ids = [json.loads(line)["id"] for line in rows]
+    keep = {i for i, doc in enumerate(ids) if doc in gold}
+    others = [i for i in range(len(rows)) if i not in keep]
+    keep |= set(random.Random(0).sample(others, min(distractors, len(others))))
+    out.write_text("".join(rows[i] if rows[i].endswith("\n") else rows[i] + "\n" for i in sorted(keep)))
+    return {"documents": len(keep), "gold_documents": len(keep) - min(distractors, len(others)),
+            "distractors": min(distractors, len(others)), "seed": 0}
+
+
+def compare_variants(specs: list[str], corpus: Path, questions: Path, work: Path) -> dict[str, Any]:
+    """Ingest ``corpus`` with each encoder and score dense retrieval; see the module doc."""
+    import time
+
+    from caselens.ingest.chunking import chunker_for
+    from caselens.ingest.encoders import load_encoder
+    from caselens.ingest.pipeline import IngestConfig, ingest
+    from caselens.ingest.sources import TextCorpusSource
+
+    out: dict[str, Any] = {}
+    for i, spec in enumerate(specs):
+        start = time.perf_counter()
+        encoder = load_encoder(spec)
+        load_s = time.perf_counter() - start
+        coll = Collection.create(f"variant{i}", encoder.info.to_record(), work)
+        start = time.perf_counter()
+        report = ingest(TextCorpusSource(corpus, chunker=chunker_for(encoder)), coll, encoder,
+                        IngestConfig(batch_size=64, progress=False))
+        seconds = time.perf_counter() - start
+        result = evaluate_text(coll, questions, modes=("dense",), progress=False)
+        scores = json.loads(result.to_json())["scores"]["dense"]
+        out[spec] = {"fingerprint": encoder.info.fingerprint, "load_seconds": round(load_s, 2),
+                     "chunks": report.accepted, "ingest_seconds": round(seconds, 1),
+                     "ingest_chunks_per_s": round(report.accepted / seconds, 1), "dense": scores}
+        console.print(f"{spec}: {report.accepted} chunks in {seconds:.0f}s, recall@10 "
+                      f"{scores['all']['recall@10']:.4f}, nDCG@10 {scores['all']['ndcg@10']:.4f}")
+        del encoder
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--home", type=Path)
+    p.add_argument("--variants", help="comma-separated encoder names to compare (see the module doc)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/cl-variants"), help="home for the --variants collections")
+    p.add_argument("--distractors", type=int, default=0,
+                   help="--variants on the gold documents plus this many others (0: the whole corpus)")
+    p.add_argument("--corpus", type=Path, default=DATA / "corpus" / "pubmed_abstracts.jsonl")
     p.add_argument("--collection", default="pubmed")
     p.add_argument("--questions", type=Path, default=DATA / "qa" / "mirage_dev.json")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    if args.variants:
+        return main_variants(args)
+    if args.home is None:
+        p.error("--home is required (or --variants)")
     coll = Collection.open(args.collection, args.home)
     result = evaluate_text(coll, args.questions)
     metrics = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100", "ndcg@10", "mrr@10")
@@ -104,6 +168,31 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     console.print(f"wrote {args.out}")
+    return 0
+
+
+def main_variants(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    corpus, subset = args.corpus, None
+    if args.distractors:
+        corpus = args.work / "subset.jsonl"
+        subset = subset_corpus(args.corpus, args.questions, args.distractors, corpus)
+    started = time.time()
+    out = {"benchmark": "text_encoder_variants", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                       "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+           "corpus": args.corpus.name, "subset": subset, "questions": args.questions.name,
+           "variants": compare_variants(args.variants.split(","), corpus, args.questions, args.work)}
+    out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["seconds"] = round(time.time() - started)
+    dest = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("text_encoder_variants.json")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2))
+    console.print(f"wrote {dest}")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""File helpers shared by the ingest, index and encoder layers: content hashes, atomic writes, and
-telling a full disk from other write errors."""
+"""File helpers shared by the ingest, index and encoder layers: where collections live, content
+hashes, atomic writes, and telling a full disk from other write errors."""
 
 from __future__ import annotations
 
@@ -8,14 +8,24 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from caselens.errors import DiskFullError
 from caselens.faults import fault_point
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _FULL_TEXTS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+
+
+def default_home() -> Path:
+    """Where collections live: ``$CASELENS_HOME`` or ``./caselens-data``."""
+    return Path(os.environ.get("CASELENS_HOME", "caselens-data")).expanduser()
+
+
+def cache_dir() -> Path:
+    """The user cache of derived model files (converted weights, ONNX exports):
+    ``$CASELENS_CACHE``, default ``~/.cache/caselens``. Everything in it can be rebuilt."""
+    return Path(os.environ.get("CASELENS_CACHE", Path.home() / ".cache" / "caselens")).expanduser()
 
 
 def disk_full(exc: BaseException | None) -> bool:
@@ -52,7 +62,7 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes | np.ndarray) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview | Any) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part:
     a temporary file in the same folder, fsynced, renamed over ``path``, then the folder fsynced.
     A writer killed midway leaves only a ``.<name>.*.tmp`` file behind."""

@@ -1,6 +1,3 @@
-"""Storage: LanceDB tables (the source of truth) and FAISS indexes derived from them."""
-
-from caselens.indexes.collection import Collection, default_home, list_collections
-from caselens.indexes.faiss_index import IndexStamp
-
-__all__ = ["Collection", "IndexStamp", "default_home", "list_collections"]
+"""Storage: LanceDB tables (the source of truth), reader snapshots, and the FAISS and BM25 indexes
+derived from them. Import the modules you need (``caselens.indexes.collection``, ``.snapshot``,
+``.reader``, ``.derived``); this package imports nothing itself, so light tools stay light."""

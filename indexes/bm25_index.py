@@ -5,7 +5,7 @@ tokenizer settings and a checksum of every file, written to a temporary folder a
 place, rebuilt when stale or damaged. Documents are keyed by the table's ``_row`` numbers, so
 BM25 and dense rankings name the same items and can be fused.
 
-Layout: ``<collection>/bm25/`` holds bm25s' own files (sparse score matrix as ``.npy``, vocabulary
+Layout (the folder is ``Layout.bm25_dir``, ``<collection>/bm25/``): it holds bm25s' own files (sparse score matrix as ``.npy``, vocabulary
 and parameters as JSON; read without pickle), ``rows.npy`` (the ``_row`` of each document) and
 ``stamp.json`` written last.
 """
@@ -29,7 +29,6 @@ from caselens.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FOLDER = "bm25"
 STAMP_FILE = "stamp.json"
 ROWS_FILE = "rows.npy"
 FORMAT = 1
@@ -107,21 +106,35 @@ class Bm25Index:
         return [(float(scores[i]), int(self.rows[i])) for i in top if scores[i] > 0]
 
 
+def _model(texts: Sequence[str], settings: Bm25Settings) -> Any:
+    bm25s = _bm25s()
+    model = bm25s.BM25(k1=settings.k1, b=settings.b)
+    if len(texts):
+        tokens = bm25s.tokenize(list(texts), stopwords=settings.stopwords or None, stemmer=_stemmer(settings),
+                                show_progress=False)
+        model.index(tokens, show_progress=False)
+    return model
+
+
+def build_in_memory(rows: np.ndarray, texts: Sequence[str], table_version: int,
+                    settings: Bm25Settings | None = None) -> Bm25Index:
+    """A BM25 index of ``texts`` (keyed by ``rows``) held in memory only, for a reader that
+    finds no usable index on disk while a writer holds the collection."""
+    settings = settings or Bm25Settings()
+    stamp = Bm25Stamp(table_version=int(table_version), n_docs=len(texts), settings=asdict(settings))
+    return Bm25Index(_model(texts, settings) if len(texts) else None, np.asarray(rows, np.int64), stamp)
+
+
 def build(rows: np.ndarray, texts: Sequence[str], folder: Path, table_version: int,
           settings: Bm25Settings | None = None) -> Bm25Stamp:
     """Index ``texts`` (keyed by ``rows``) into ``folder``, replacing what is there atomically."""
-    bm25s = _bm25s()
     settings = settings or Bm25Settings()
     start = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        model = bm25s.BM25(k1=settings.k1, b=settings.b)
         if len(texts):
-            tokens = bm25s.tokenize(list(texts), stopwords=settings.stopwords or None, stemmer=_stemmer(settings),
-                                    show_progress=False)
-            model.index(tokens, show_progress=False)
-            model.save(str(tmp), allow_pickle=False)
+            _model(texts, settings).save(str(tmp), allow_pickle=False)
         np.save(tmp / ROWS_FILE, np.asarray(rows, np.int64), allow_pickle=False)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         stamp = Bm25Stamp(table_version=int(table_version), n_docs=len(texts), settings=asdict(settings),
@@ -170,47 +183,3 @@ def load(folder: Path) -> Bm25Index:
     if len(rows) != stamp.n_docs:
         raise IndexIntegrityError(f"BM25 index in {folder} lists {len(rows)} rows, stamp says {stamp.n_docs}")
     return Bm25Index(model, rows, stamp)
-
-
-_LOADED: dict[tuple[str, str], Bm25Index] = {}
-
-
-def bm25_index(collection: Any, settings: Bm25Settings | None = None) -> Bm25Index:
-    """The BM25 index of ``collection`` (a :class:`~caselens.indexes.collection.Collection`) for its
-    current table version: loaded when fresh, rebuilt when stale, damaged or built otherwise."""
-    settings = settings or Bm25Settings()
-    folder = collection.root / FOLDER
-
-    def fresh() -> Bm25Index | None:
-        stamp = read_stamp(folder)
-        if stamp is None or stamp.table_version != collection.version or stamp.settings != asdict(settings):
-            if stamp is not None:
-                log.info("BM25 index of %s is stale (table v%d, index v%d); rebuilding",
-                         collection.name, collection.version, stamp.table_version)
-            return None
-        key = (str(folder.resolve()), json.dumps(asdict(stamp), sort_keys=True))
-        if key in _LOADED:  # verified when loaded; the stamp (with checksums) has not changed since
-            return _LOADED[key]
-        try:
-            index = load(folder)
-        except IndexIntegrityError as exc:
-            log.warning("%s; rebuilding", exc)
-            return None
-        _LOADED.clear()  # keep one loaded index per process
-        _LOADED[key] = index
-        return index
-
-    index = fresh()
-    if index is not None:
-        return index
-    with collection.write_lock():
-        index = fresh()
-        if index is not None:
-            return index
-        version = collection.version
-        table = collection.rows("text IS NOT NULL", ["_row", "text"])
-        build(table.column("_row").to_numpy(), table.column("text").to_pylist(), folder, version, settings)
-    index = fresh()
-    if index is None:
-        raise IndexIntegrityError(f"BM25 index in {folder} could not be read right after it was built")
-    return index

@@ -25,7 +25,8 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from caselens.errors import DiskFullError, EncoderMismatchError, IndexIntegrityError
+from caselens.errors import ConfigError, DiskFullError, EncoderMismatchError, IndexIntegrityError
 from caselens.faults import fault_point
 from caselens.files import atomic_write_bytes, sha256_file
 
@@ -131,18 +132,18 @@ def empty_index(factory: str, dim: int) -> faiss.Index:
         try:
             m = int(factory[4:] or 32)
         except ValueError:
-            raise ValueError(f"unknown index factory {factory!r}; HNSW takes a number: 'HNSW32'") from None
+            raise ConfigError(f"unknown index factory {factory!r}; HNSW takes a number: 'HNSW32'") from None
         inner = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = 80
         inner.hnsw.efSearch = 128
         return faiss.IndexIDMap2(inner)
     if factory_lists(factory) <= 0:
-        raise ValueError(f"unknown index factory {factory!r}; use 'Flat', 'HNSW<M>' or an IVF factory such "
+        raise ConfigError(f"unknown index factory {factory!r}; use 'Flat', 'HNSW<M>' or an IVF factory such "
                          "as 'IVF1024,Flat', 'IVF1024,SQ8', 'IVF1024,PQ64' or 'OPQ64_256,IVF1024,PQ64'")
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ValueError(f"FAISS cannot build {factory!r} for dimension {dim}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"FAISS cannot build {factory!r} for dimension {dim}: {str(exc).splitlines()[0]}") from None
     outer = faiss.downcast_index(index)
     if isinstance(outer, faiss.IndexPreTransform):  # OPQ: 16 rotations refine as well as 50, 3x sooner
         for i in range(outer.chain.size()):
@@ -182,7 +183,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str | None = None
         sample = train_sample(len(vectors), factory, seed, exclude_from_training)
         lists = factory_lists(factory)
         if len(sample) < lists:
-            raise ValueError(f"{factory} needs at least {lists} vectors to train, the collection has {len(vectors)}")
+            raise ConfigError(f"{factory} needs at least {lists} vectors to train, the collection has {len(vectors)}")
         device.train(np.ascontiguousarray(vectors[sample]))
     add_vectors(device, vectors, ids, progress)
     return to_host(device, on_gpu), factory
@@ -212,6 +213,23 @@ def hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
     if isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)):
         index = faiss.downcast_index(index.index)
     return index if isinstance(index, faiss.IndexHNSW) else None
+
+
+def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray | None:
+    """The vectors of ``ids`` (held by ``index``) exactly as they were added, when the index keeps
+    them so and can find them by id (a flat or HNSW-flat index keyed by ids); None otherwise."""
+    outer = faiss.downcast_index(index)
+    if not isinstance(outer, faiss.IndexIDMap2):
+        return None
+    inner = faiss.downcast_index(outer.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    if type(inner) not in (faiss.IndexFlatIP, faiss.IndexFlat, faiss.IndexFlatL2):
+        return None
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if not len(ids):
+        return np.zeros((0, index.d), np.float32)
+    return outer.reconstruct_batch(ids)
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
@@ -390,6 +408,7 @@ def load_index(folder: Path, encoder_fingerprint: str, *, mmap: bool = False, ca
         hit = _CACHE.get(folder, stamp)
         if hit is not None:
             return hit, stamp
+    before = file_key(path)  # a writer may rename a new file into place while this one is read
     if sha256_file(path) != stamp.checksum:
         raise IndexIntegrityError(f"FAISS index {path} does not match the checksum in its stamp; "
                                   "it is damaged and will be rebuilt from the table")
@@ -398,6 +417,8 @@ def load_index(folder: Path, encoder_fingerprint: str, *, mmap: bool = False, ca
         index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise IndexIntegrityError(f"FAISS cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if file_key(path) != before:
+        raise IndexIntegrityError(f"FAISS index {path} was replaced while it was read")
     if index.ntotal != stamp.ntotal or index.d != stamp.dim:
         raise IndexIntegrityError(f"FAISS index {path} holds {index.ntotal}x{index.d}, stamp says "
                                   f"{stamp.ntotal}x{stamp.dim}")
@@ -407,8 +428,9 @@ def load_index(folder: Path, encoder_fingerprint: str, *, mmap: bool = False, ca
 
 
 # ------------------------------------------------------------------ search
-def _bitmap_selector(ids: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
-    """A bitmap ID selector for non-negative ``ids`` (and the bitmap, which must stay alive)."""
+def bitmap_selector(ids: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """A bitmap ID selector for non-negative ``ids`` (and the bitmap, which must stay alive as long
+    as the selector is used)."""
     top = int(ids.max()) + 1 if len(ids) else 1
     mask = np.zeros(top, dtype=bool)
     mask[ids] = True
@@ -466,15 +488,13 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
     were made for: a stamp's), so a single query does not pay for downcasts, SWIG objects and a
     hash set of every tombstone. FAISS only reads search parameters and selectors, so one set
     serves concurrent searches. Not kept when ``params`` name neither ``nprobe`` nor
-    ``efSearch`` (the index's own, changeable value applies then) or tombstones come as another
-    type than a list.
+    ``efSearch`` for an index that has one (the index's own, changeable value applies then) or
+    tombstones come as another type than a list.
     """
     dead = deleted if deleted is not None and len(deleted) else None
-    cacheable = (bool(params) and ("nprobe" in params or "efSearch" in params)
-                 and (dead is None or isinstance(dead, list)))
-    if cacheable:
+    if dead is None or isinstance(dead, list):
         cached = _PARAMS.get(id(index))
-        if cached is not None and cached[0]() is index and cached[1] == params and cached[2] == dead:
+        if cached is not None and cached[0]() is index and cached[1] == (params or {}) and cached[2] == dead:
             return cached[3]  # (dict ==, list ==: C speed)
     keep: list[Any] = []
     selector = None
@@ -485,7 +505,8 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
     p = search_params(index, params, selector)
     if p is not None:
         p._caselens_keep = keep  # the selectors live as long as the parameters
-    if cacheable:
+    tuned = bool(params) and ("nprobe" in params or "efSearch" in params)
+    if (dead is None or isinstance(dead, list)) and (tuned or (ivf_of(index) is None and hnsw_of(index) is None)):
         key = id(index)
         try:
             ref = weakref.ref(index, lambda _: _PARAMS_DROP(key, None))  # forgotten with the index
@@ -495,30 +516,98 @@ def _unfiltered_params(index: faiss.Index, params: dict[str, int] | None,
     return p
 
 
+# id(index) -> (weak reference to the index, whether it is flat): downcasts cost ~40 us a query
+_FLAT: dict[int, tuple[Any, bool]] = {}
+_FLAT_DROP = _FLAT.pop
+
+
+def is_flat(index: faiss.Index) -> bool:
+    """True for an exact (flat) index, bare or inside an ``IndexIDMap``/``IndexIDMap2``."""
+    hit = _FLAT.get(id(index))
+    if hit is not None and hit[0]() is index:
+        return hit[1]
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexIDMap2, faiss.IndexIDMap)):
+        inner = faiss.downcast_index(inner.index)
+    flat = isinstance(inner, faiss.IndexFlat)
+    key = id(index)
+    try:
+        _FLAT[key] = (weakref.ref(index, lambda _: _FLAT_DROP(key, None)), flat)
+    except TypeError:  # not weakly referenceable: not kept
+        pass
+    return flat
+
+
+def search_threads(index: faiss.Index, n_queries: int) -> int | None:
+    """OpenMP threads for a search of ``n_queries`` on ``index``; None: FAISS's default (all).
+
+    FAISS splits a search across queries; one query on a flat index is a single scan of memory,
+    and a second thread only waits at barriers and competes for the bandwidth: one thread is
+    ~3x faster on a 2-core machine at 100k-1M vectors (``benchmarks/flat_scan.py``). Batches
+    (and every other index type, whose single queries take ~1 ms) keep all threads.
+    """
+    return 1 if n_queries == 1 and is_flat(index) else None
+
+
+@contextmanager
+def omp_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` OpenMP threads (None: unchanged), then restore the count.
+
+    The count is OpenMP's per-thread setting (libgomp keeps it per calling thread), so concurrent
+    searches in other threads keep their own."""
+    before = faiss.omp_get_max_threads() if n is not None else None
+    if n is None or n == before:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def search_index(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
                  params: dict[str, int] | None = None, deleted: list[int] | np.ndarray | None = None,
-                 selectivity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 selectivity: float | None = None,
+                 selector: tuple[faiss.IDSelector | None, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, ids) for each query.
 
     ``allowed_ids`` restricts the search before ranking (an ID selector); ``params`` are the
     stamp's tuned ``nprobe``/``efSearch``; ``deleted`` are tombstoned ids that never come back;
     ``selectivity`` (allowed / total, computed when not given) widens the search for filters.
+    ``selector`` is a prebuilt (ID selector or None, number of ids it selects) to use instead
+    of ``allowed_ids`` (made by :func:`bitmap_selector`, tombstones left out, kept for repeated
+    searches with one filter; None: every id of ``index``, which holds only the allowed ones).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim == 1:
         queries = queries[None]
+    with omp_threads(search_threads(index, len(queries))):
+        return _search(index, queries, k, allowed_ids, params, deleted, selectivity, selector)
+
+
+def _search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None,
+            params: dict[str, int] | None, deleted: list[int] | np.ndarray | None,
+            selectivity: float | None,
+            selector: tuple[faiss.IDSelector | None, int] | None) -> tuple[np.ndarray, np.ndarray]:
     ntotal = index.ntotal
     k = max(1, min(k, ntotal)) if ntotal else 1
+    if selector is not None:
+        sel, count = selector
+        if not count:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        p = search_params(index, params, sel, selectivity if selectivity is not None else count / max(1, ntotal))
+        return index.search(queries, k, params=p)
     if allowed_ids is not None:
         allowed = np.asarray(allowed_ids, dtype=np.int64)
         if deleted is not None and len(deleted):
             allowed = np.setdiff1d(allowed, np.asarray(deleted, np.int64))
         if not len(allowed):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        selector, bits = _bitmap_selector(allowed)  # bits must stay alive until the search is done
+        made, bits = bitmap_selector(allowed)  # bits must stay alive until the search is done
         if selectivity is None:
             selectivity = len(allowed) / max(1, ntotal)
-        p = search_params(index, params, selector, selectivity)
+        p = search_params(index, params, made, selectivity)
         if p is None:
             return index.search(queries, k)
         scores, ids = index.search(queries, k, params=p)
@@ -542,25 +631,57 @@ def build_sharded_ivf(trained: faiss.Index, shards: list[tuple[np.ndarray, np.nd
     ``trained`` (empty) index and written on its own, then the shards' inverted lists are merged
     into one on-disk file (``<name>.ivfdata``) that the index maps instead of holding in memory.
 
-    Shards can be built by separate processes or machines from the same trained index; only
-    their files are needed for the merge. Returns the merged index (lists on disk).
+    Shards can be built by separate processes or machines from the same trained index
+    (:func:`write_ivf_shard`, as :mod:`caselens.indexes.ray_index` does); only their files are
+    needed for the merge (:func:`merge_ivf_shards`). Returns the merged index (lists on disk).
     """
-    from faiss.contrib.ondisk import merge_ondisk
-
-    if ivf_of(trained) is None or not trained.is_trained or trained.ntotal:
-        raise ValueError("build_sharded_ivf needs a trained, empty IVF index")
+    check_trained_ivf(trained)
     folder.mkdir(parents=True, exist_ok=True)
-    shard_files = []
-    for i, (vectors, ids) in enumerate(shards):
-        part = faiss.clone_index(trained)
-        add_vectors(part, vectors, ids)
-        path = folder / f"shard_{i:04d}.faiss"
-        faiss.write_index(part, str(path))
-        shard_files.append(str(path))
-        del part
-    merged = faiss.clone_index(trained)
-    merge_ondisk(merged, shard_files, str(folder / f"{name}.ivfdata"))
+    shard_files = [write_ivf_shard(trained, vectors, ids, folder / f"shard_{i:04d}.faiss")
+                   for i, (vectors, ids) in enumerate(shards)]
+    merged = merge_ivf_shards(trained, shard_files, folder / f"{name}.ivfdata")
     faiss.write_index(merged, str(folder / name))
     for path in shard_files:
-        Path(path).unlink()
+        path.unlink()
     return merged
+
+
+def check_trained_ivf(trained: faiss.Index) -> None:
+    """Refuse anything but a trained, empty IVF index as the start of a sharded build."""
+    if ivf_of(trained) is None or not trained.is_trained or trained.ntotal:
+        raise ValueError("a sharded IVF build needs a trained, empty IVF index")
+
+
+def write_ivf_shard(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray, path: Path) -> Path:
+    """``vectors`` with ``ids`` added to a copy of the ``trained`` (empty) IVF index, written to
+    ``path``: one shard of a sharded build, made by any process that holds the trained index."""
+    check_trained_ivf(trained)
+    part = faiss.clone_index(trained)
+    add_vectors(part, vectors, ids)
+    faiss.write_index(part, str(path))
+    return path
+
+
+def merge_ivf_shards(trained: faiss.Index, shard_files: list[Path], ivfdata: Path) -> faiss.Index:
+    """The inverted lists of the shard files merged into one on-disk file ``ivfdata``; returns a copy
+    of ``trained`` whose lists are mapped from it (the file's absolute path is recorded in the
+    index: keep it where it was written)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    check_trained_ivf(trained)
+    merged = faiss.clone_index(trained)
+    merge_ondisk(merged, [str(p) for p in shard_files], str(ivfdata))
+    return merged
+
+
+def verify_lists(folder: Path, stamp: IndexStamp) -> bool:
+    """Whether the on-disk lists file of a sharded build named by ``stamp.choice`` (``ivfdata``,
+    written by :mod:`caselens.indexes.ray_index`) is the one the build wrote (size and sha256);
+    True for indexes that keep their lists inside the index file (the stamp's checksum covers
+    those)."""
+    name = (stamp.choice or {}).get("ivfdata")
+    if not name:
+        return True
+    path = folder / name
+    return (path.exists() and path.stat().st_size == stamp.choice.get("ivfdata_bytes")
+            and sha256_file(path) == stamp.choice.get("ivfdata_sha256"))

@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from caselens.errors import CaselensError
+from caselens.errors import CaselensError, ConfigError
 from caselens.indexes import faiss_index
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,9 @@ def parse_memory(text: str) -> int:
         value = float(num)
         scale = units[raw[len(num):]]
     except (ValueError, KeyError):
-        raise ValueError(f"memory size {text!r} not understood; write e.g. 4GB, 512MiB or 2000000000") from None
+        raise ConfigError(f"memory size {text!r} not understood; write e.g. 4GB, 512MiB or 2000000000") from None
     if value <= 0:
-        raise ValueError(f"memory size {text!r} must be positive")
+        raise ConfigError(f"memory size {text!r} must be positive")
     return int(value * scale)
 
 

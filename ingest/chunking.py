@@ -17,6 +17,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from caselens.errors import ConfigError
+
 if TYPE_CHECKING:
     from caselens.ingest.items import Item
 
@@ -32,7 +34,7 @@ _CAPTION_LINE = re.compile(r"^[ \t]*(?:Figure|Fig\.|Table)\s+\d+(?:[.\-]\d+)*\b[
 _WORD = re.compile(r"\S+")
 
 
-class ChunkingError(ValueError):
+class ChunkingError(ConfigError):
     """A chunking setting that cannot work with this tokenizer (e.g. overlap not below the size)."""
 
 

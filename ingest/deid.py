@@ -25,6 +25,8 @@ import hashlib
 import hmac
 from typing import Any, Sequence
 
+from caselens.errors import PseudonymKeyError
+
 # What is recorded with every DICOM item (provenance "deid") and printed by `caselens scan`.
 PROFILE = {
     "standard": "DICOM PS3.15 Annex E",
@@ -103,13 +105,23 @@ KEPT: dict[str, str] = {
 }
 
 
+def check_key(secret: bytes) -> bytes:
+    """``secret`` when it can key pseudonyms; :class:`PseudonymKeyError` for an empty or short key
+    (an HMAC under an empty key is reversible for short ids by trying them all)."""
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
+        raise PseudonymKeyError("pseudonyms need the collection's own key (Collection.secret()); an empty or "
+                              "short key is refused: ingest through caselens.open(...).ingest or `caselens ingest`")
+    return bytes(secret)
+
+
 def pseudonym(value: str, secret: bytes, kind: str) -> str:
     """Pseudonym of ``value``; ``kind`` is "patient" (``pt-…``), "uid" (a valid ``2.25.…`` UID) or
-    "path" (``path-…``: an input file's relative path, see :mod:`caselens.ingest.source_paths`)."""
+    "path" (``path-…``: an input file's relative path, see :mod:`caselens.ingest.source_paths`).
+    ``secret`` is the collection's key (:func:`check_key`)."""
     if kind == "path":  # paths are taken as they are: a leading or trailing space is part of the name
-        mac = hmac.new(secret, f"path:{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        mac = hmac.new(check_key(secret), f"path:{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
         return f"path-{mac[:10].hex()}"
-    mac = hmac.new(secret, f"{kind}:{value.strip()}".encode(), hashlib.sha256).digest()
+    mac = hmac.new(check_key(secret), f"{kind}:{value.strip()}".encode(), hashlib.sha256).digest()
     if kind == "uid":
         return "2.25." + str(int.from_bytes(mac[:16], "big"))
     return f"pt-{mac[:8].hex()}"
@@ -117,7 +129,7 @@ def pseudonym(value: str, secret: bytes, kind: str) -> str:
 
 def date_shift_days(patient_id: str, secret: bytes) -> int:
     """Days by which this patient's dates move back: stable per patient, 0..3650."""
-    mac = hmac.new(secret, f"dateshift:{patient_id.strip()}".encode(), hashlib.sha256).digest()
+    mac = hmac.new(check_key(secret), f"dateshift:{patient_id.strip()}".encode(), hashlib.sha256).digest()
     return int.from_bytes(mac[:4], "big") % (_DATE_SHIFT_MAX_DAYS + 1)
 
 

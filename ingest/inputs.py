@@ -3,21 +3,25 @@
 Items store their source relative to the input folder (image folder or manifest folder, DICOM
 export root, PDF folder), so no absolute path, which could name a patient or a site, ever
 becomes an index column or a search result. To find the file again later (to show a retrieved
-case or page to a vision-language generator, :mod:`caselens.retrieval.rag.images`), each run
+case or page to a vision-language generator, :mod:`caselens.retrieval.images`), each run
 records its absolute input root, and the reading options that shape the pixels (DICOM window,
 PDF resolution), in this small JSON file inside the collection folder::
 
-    {"version": 1, "runs": {"<run id>": {"kind": "images" | "dicom" | "pdf", "root": "/abs/folder",
-                                          "time": "...Z", ...options}},
+    {"version": 1, "runs": {"<run id>": {"kind": "images" | "dicom" | "pdf" | "text",
+                                          "root": "/abs/folder", "time": "...Z", ...options}},
      "source_paths": "relative" | "hashed" | "none",
      "paths": {"path-<hash>": "relative/path", ...}}
 
+It is a local file of the user's own collection: it is never copied into the items table or
+the ledger, and nothing prints it (search and ask output name items by id and stored source).
+The ledger (``Collection.ledger``) maps item id -> run id. Each record also says how the input
+was read (manifest and its label/text columns, DICOM unit and pooling, PDF items, corpus file
+and fields), so that ``caselens verify --repair --reingest`` can read the input of a run again
+and store the items a repair could not save (:mod:`caselens.ingest.reingest`).
+
 ``source_paths`` is how the collection names its input files (:mod:`caselens.ingest.source_paths`)
 and ``paths`` maps the keyed hashes a ``hashed`` collection stores back to relative paths, so
-that images can be found again. It is a local file of the user's own collection: it is never
-copied into the items table or the ledger, and nothing prints it (search and ask output name
-items by id and stored source). The ledger (``Collection.ledger``) maps item id -> run id. Text
-corpora record nothing: their items carry their text.
+that images can be found again.
 """
 
 from __future__ import annotations
@@ -29,16 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from caselens.files import atomic_write_bytes
+from caselens.indexes.layout import Layout
 
 log = logging.getLogger(__name__)
 
-INPUTS_FILE = "inputs.json"
 VERSION = 1
 
 
 def inputs_path(collection_root: Path) -> Path:
     """The inputs file of the collection at ``collection_root``."""
-    return Path(collection_root) / INPUTS_FILE
+    return Layout(Path(collection_root)).inputs_file
 
 
 def _read(collection_root: Path) -> dict[str, Any]:
@@ -105,7 +109,7 @@ def write_source_paths(collection_root: Path, mode: str) -> None:
 
 def input_record(source: Any) -> dict[str, Any] | None:
     """What a source says about its input root (``source.input_record()``), or None for sources
-    without files on disk (text corpora) or that cannot tell."""
+    that cannot tell."""
     method = getattr(source, "input_record", None)
     if not callable(method):
         return None

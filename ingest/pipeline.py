@@ -6,8 +6,9 @@ batch at a time and written in larger groups (:attr:`IngestConfig.write_items` i
 :attr:`IngestConfig.write_seconds` seconds, whichever comes first: one LanceDB table version per
 group, not per batch); a group's ledger rows are written after its items. So a run killed
 midway loses at most the group not yet written, and a re-run continues by skipping what is
-stored (items written without their ledger rows get them then: ``accepted`` with the note
-``recovered``). An error raised in the run writes the groups finished before it first.
+stored (items written without their ledger rows get them then: ``accepted``, ``recovered``; see
+:mod:`caselens.indexes.ledger`). An error raised in
+the run writes the groups finished before it first.
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from caselens.errors import BadVectorError, DiskFullError, UnsupportedModalityError
+from caselens.errors import BadVectorError, ConfigError, DiskFullError, UnsupportedModalityError
 from caselens.files import disk_full
+from caselens.indexes import derived
 from caselens.indexes.collection import Collection, LedgerEntry, MetadataTypeError
 from caselens.indexes.faiss_index import IndexStamp
+from caselens.ingest.embed import encode_items
+from caselens.ingest.encoders.base import Encoder
 from caselens.ingest.items import Item, Rejection, Source
 from caselens.ingest.source_paths import apply_source_paths
-from caselens.ingest.encoders.base import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,11 @@ class IngestConfig:
     write_items: int = 1024  # items buffered before they are written (one table version per write)
     write_seconds: float = 5.0  # ... or this long after the previous write, whichever comes first
     on_bad_vectors: str = "reject"  # "reject": record the item as rejected; "error": stop the run
-    build_index: bool = True  # refresh the FAISS index after writing
+    build_index: bool = True  # refresh the derived indexes (FAISS, BM25) after writing
+    refresh_every: int = 50_000  # ... and during the run, each time this many items were written since
     progress: bool = True  # show a progress bar
     record_inputs: bool = True  # note the run's absolute input root in <collection>/inputs.json (see ingest.inputs)
+    on_progress: Callable[[int, int | None], None] | None = None  # called with (inputs done, inputs expected)
 
 
 @dataclass
@@ -56,23 +61,22 @@ class IngestReport:
     root: Path  # collection folder
     accepted: int = 0  # items stored by this run
     duplicates: int = 0  # inputs whose item was already stored
-    recovered: int = 0  # items stored by an interrupted run without their ledger rows, recorded now
     rejected: Counter = field(default_factory=Counter)  # reason_code -> count
     warnings: Counter = field(default_factory=Counter)  # accepted with a note (e.g. truncated text)
     table_version: int = 0  # items table version after the run
     total_items: int = 0  # items in the collection after the run
     index: IndexStamp | None = None  # FAISS index stamp after the run
     seconds: float = 0.0  # wall time
+    notes: list[str] = field(default_factory=list)  # what the user should know (collection created, chunking, ...)
 
     @property
     def ledger_path(self) -> Path:
         return self.root / "lance" / "ledger.lance"
 
     def summary(self) -> str:
-        lines = [f"ingest run {self.run_id} into '{self.collection}': {self.accepted} accepted, "
+        lines = [*self.notes, f"ingest run {self.run_id} into '{self.collection}': {self.accepted} accepted, "
                  f"{self.duplicates} already present, {sum(self.rejected.values())} rejected "
-                 f"in {self.seconds:.1f}s" + (f" ({self.recovered} stored by an interrupted run, recorded now)"
-                                             if self.recovered else "")]
+                 f"in {self.seconds:.1f}s"]
         for code, n in sorted(self.rejected.items()):
             lines.append(f"  rejected {n:>6} x {code}")
         for code, n in sorted(self.warnings.items()):
@@ -95,31 +99,7 @@ def _batches(items: Iterable[Item | Rejection], size: int) -> Iterable[list[Item
         yield batch
 
 
-def _encode(encoder: Encoder, items: list[Item]) -> np.ndarray:
-    if items[0].kind != "image":
-        return encoder.encode_texts([it.text or "" for it in items])
-    if not any(it.volume is not None for it in items):
-        return encoder.encode_images([it.image for it in items])
-    # volumes (series / study units): every slice embedded in one call, then pooled per item
-    from caselens.ingest.volumes import pool
-
-    images, spans = [], []
-    for it in items:
-        slices = it.volume.slices if it.volume is not None else [it.image]
-        spans.append((len(images), len(images) + len(slices)))
-        images.extend(slices)
-    flat = encoder.encode_images(images)
-    out = []
-    for it, (a, b) in zip(items, spans):
-        if it.volume is None:
-            out.append(flat[a])
-        else:
-            out.append(pool(flat[a:b], it.volume.groups or None, it.volume.pooling))
-    width = max(len(v) for v in out)
-    return np.stack([v if len(v) == width else np.full(width, np.nan, np.float32) for v in out])
-
-
-def _entries(it: Item, status: str, code: str = "", reason: str = "") -> list[LedgerEntry]:
+def ledger_entries(it: Item, status: str, code: str = "", reason: str = "") -> list[LedgerEntry]:
     """Ledger rows of one item: one per input it was built from (a series lists its files)."""
     return [LedgerEntry(name, status, it.id, code, reason) for name in (it.members or [it.input])]
 
@@ -136,7 +116,7 @@ def _inputs_done(batch: list[Item | Rejection], last_input: str | None) -> tuple
     return done, last_input
 
 
-def _record_inputs(source: Source, collection: Collection, run_id: str) -> None:
+def record_inputs(source: Source, collection: Collection, run_id: str) -> None:
     """Note where this run reads its files (before the first batch, so that a run killed midway has
     its stored items covered). A local file of the collection, never an index column: see
     :mod:`caselens.ingest.inputs`. A failure to write it costs only the images of this run's
@@ -164,6 +144,7 @@ class _Writer:
 
     def __init__(self, collection: Collection, run_id: str, items: int, seconds: float):
         self.collection, self.run_id = collection, run_id
+        self.written = 0  # items written by this writer
         self.items, self.seconds = max(1, items), seconds
         self.records: list[dict] = []
         self.vectors: list[np.ndarray] = []
@@ -184,8 +165,40 @@ class _Writer:
         self.last = time.monotonic()
         if records:
             self.collection.add(records, np.concatenate(vectors))
+            self.written += len(records)
         self.collection.record(self.run_id, entries)  # after the rows: a kill in between leaves
         # rows without ledger rows, which a re-run records as duplicates
+
+
+def check_run(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig) -> None:
+    """Refuse a run before it starts: a bad setting, an encoder other than the collection's, an
+    encoder that cannot embed the source's items."""
+    if config.on_bad_vectors not in ("reject", "error"):
+        raise ConfigError(f"on_bad_vectors must be 'reject' or 'error', not {config.on_bad_vectors!r}")
+    collection.check_encoder(encoder.info.to_record())
+    if source.kind not in encoder.info.modalities:
+        raise UnsupportedModalityError(
+            f"encoder {encoder.info.spec} embeds {', '.join(encoder.info.modalities)}, but this source holds "
+            f"{source.kind} items; choose an encoder for {source.kind}")
+
+
+def name_inputs(source: Source, collection: Collection) -> None:
+    """Give a source with input files the collection's way of naming them (relative, hashed or
+    none: :mod:`caselens.ingest.source_paths`); the first ingest fixes the collection's setting."""
+    if hasattr(source, "paths"):
+        apply_source_paths(source, collection)
+
+
+def full_disk(exc: BaseException, collection: Collection) -> DiskFullError | None:
+    """The :class:`DiskFullError` naming ``collection`` that ``exc`` amounts to, or None when it
+    is no full disk."""
+    if isinstance(exc, DiskFullError):
+        return DiskFullError(f"collection {collection.name!r} ({collection.root}): {exc}")
+    if disk_full(exc):
+        return DiskFullError(f"collection {collection.name!r} ({collection.root}): no space left on the device "
+                             "while writing; what was stored before is intact: free space and run the same ingest "
+                             "again (it continues where this one stopped)")
+    return None
 
 
 def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
@@ -195,43 +208,34 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
     is kept, and the same call with space continues where this one stopped."""
     try:
         return _ingest(source, collection, encoder, config)
-    except DiskFullError as exc:
-        raise DiskFullError(f"collection {collection.name!r} ({collection.root}): {exc}") from None
     except Exception as exc:
-        if disk_full(exc):
-            raise DiskFullError(f"collection {collection.name!r} ({collection.root}): no space left on the "
-                                "device while writing; what was stored before is intact: free space and run "
-                                "the same ingest again (it continues where this one stopped)") from None
+        full = full_disk(exc, collection)
+        if full is not None:
+            raise full from None
         raise
 
 
 def _ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None) -> IngestReport:
     config = config or IngestConfig()
-    if config.on_bad_vectors not in ("reject", "error"):
-        raise ValueError(f"on_bad_vectors must be 'reject' or 'error', not {config.on_bad_vectors!r}")
-    collection.check_encoder(encoder.info.to_record())
-    if source.kind not in encoder.info.modalities:
-        raise UnsupportedModalityError(
-            f"encoder {encoder.info.spec} embeds {', '.join(encoder.info.modalities)}, but this source holds "
-            f"{source.kind} items; choose an encoder for {source.kind}")
+    check_run(source, collection, encoder, config)
+    name_inputs(source, collection)
     report = IngestReport(run_id=uuid.uuid4().hex[:12], collection=collection.name, root=collection.root)
     start = time.perf_counter()
     limit = encoder.max_tokens() if source.kind == "text" else None
     seen: set[str] = set()
     last_input: str | None = None  # the input of the batch's last item: chunks of one row may span batches
-    if hasattr(source, "paths"):  # how input files are named: the collection's setting (see ingest.source_paths)
-        apply_source_paths(source, collection)
-    bar = tqdm(total=source.estimate(), unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
-    with collection.write_lock():
+    expected = source.estimate()
+    inputs_done = 0
+    bar = tqdm(total=expected, unit="input", desc=f"ingest {collection.name}", disable=not config.progress)
+    refreshed_at = 0  # items written when the derived indexes were last refreshed
+    with collection.lock.hold():
         if config.record_inputs:
-            _record_inputs(source, collection, report.run_id)
+            record_inputs(source, collection, report.run_id)
         writer = _Writer(collection, report.run_id, config.write_items, config.write_seconds)
         # the write lock is held until the end: nobody else adds items meanwhile, so the ids
         # stored at the start plus those accepted since (``seen``) are all that is stored
         n_stored = collection.count()
         stored_at_start = set() if n_stored == 0 else collection.existing_ids() if n_stored <= ID_SET_MAX else None
-        # rows a killed run wrote without their ledger rows: accepted now, once (not "duplicate")
-        unledgered = stored_at_start - collection.ledger_ids("accepted") if stored_at_start else set()
         try:
             for batch in _batches(source, config.batch_size):
                 entries: list[LedgerEntry] = []
@@ -242,21 +246,15 @@ def _ingest(source: Source, collection: Collection, encoder: Encoder, config: In
                     if isinstance(it, Rejection):
                         entries.append(LedgerEntry(it.input, "rejected", "", it.reason_code, it.reason))
                         report.rejected[it.reason_code] += 1
-                    elif it.id in unledgered:
-                        unledgered.discard(it.id)
-                        seen.add(it.id)
-                        entries.extend(_entries(it, "accepted", "recovered", "stored by an interrupted run "
-                                                "whose ledger rows were lost; recorded now"))
-                        report.recovered += 1
                     elif it.id in stored or it.id in seen:
-                        entries.extend(_entries(it, "duplicate", "already_present",
+                        entries.extend(ledger_entries(it, "duplicate", "already_present",
                                                 "an item with this id is already stored; nothing added"))
                         report.duplicates += 1
                     else:
                         try:
                             it.metadata = collection.coerce_metadata(it.metadata)
                         except MetadataTypeError as exc:
-                            entries.extend(_entries(it, "rejected", "bad_metadata", str(exc)))
+                            entries.extend(ledger_entries(it, "rejected", "bad_metadata", str(exc)))
                             report.rejected["bad_metadata"] += 1
                             continue
                         # new columns now, not when the group is written: the next item's
@@ -267,14 +265,14 @@ def _ingest(source: Source, collection: Collection, encoder: Encoder, config: In
                 records, keep = [], []
                 vectors = None
                 if fresh:
-                    vectors = _encode(encoder, fresh)
+                    vectors = encode_items(encoder, fresh)
                     good = np.isfinite(vectors).all(axis=1) & (vectors.shape[1] == collection.dim)
                     if not good.all() and config.on_bad_vectors == "error":
                         bad = [fresh[i].input for i in np.flatnonzero(~good)]
                         raise BadVectorError(f"encoder returned non-finite vectors for {bad}; nothing of this batch stored")
                     for i, it in enumerate(fresh):
                         if not good[i]:
-                            entries.extend(_entries(it, "rejected", "bad_vector",
+                            entries.extend(ledger_entries(it, "rejected", "bad_vector",
                                                     "encoder returned a non-finite vector or one of the wrong size"))
                             report.rejected["bad_vector"] += 1
                             seen.discard(it.id)
@@ -289,11 +287,17 @@ def _ingest(source: Source, collection: Collection, encoder: Encoder, config: In
                         records.append({"id": it.id, "kind": it.kind, "source": it.source, "text": it.text,
                                         "provenance": it.provenance, "metadata": it.metadata})
                         keep.append(i)
-                        entries.extend(_entries(it, "accepted", note_code, note))
+                        entries.extend(ledger_entries(it, "accepted", note_code, note))
                 writer.put(records, vectors[keep] if records else None, entries)
+                if config.build_index and writer.written - refreshed_at >= config.refresh_every:
+                    derived.refresh(collection)  # readers rank rows newer than the index exactly: keep them few
+                    refreshed_at = writer.written
                 report.accepted += len(records)
                 done, last_input = _inputs_done(batch, last_input)
                 bar.update(done)
+                inputs_done += done
+                if config.on_progress is not None:
+                    config.on_progress(inputs_done, expected)
         except BaseException:
             try:  # keep what finished before the error (a kill cannot, a re-run redoes it)
                 writer.flush()
@@ -306,8 +310,15 @@ def _ingest(source: Source, collection: Collection, encoder: Encoder, config: In
         if report.accepted:
             collection.compact()
     bar.close()
+    return finish_run(report, collection, config, start)
+
+
+def finish_run(report: IngestReport, collection: Collection, config: IngestConfig, start: float) -> IngestReport:
+    """After the writes: bring the derived indexes (FAISS, BM25) up to date when asked (the
+    writer's job, holding the write lock), then the report's totals and time (``start``:
+    ``time.perf_counter()`` when the run began)."""
     if config.build_index:
-        report.index = collection.build_index()
+        report.index, _ = derived.refresh_all(collection, progress=config.progress)
     report.table_version = collection.version
     report.total_items = collection.count()
     report.seconds = time.perf_counter() - start

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caselens.errors import SourceError
+from caselens.errors import ConfigError, SourceError
 from caselens.ingest.deid import pseudonym
 from caselens.ingest.inputs import read_source_paths, write_source_paths
 
@@ -39,9 +39,9 @@ _MIN_SCRUB = 4  # file and folder names shorter than this are not scrubbed out o
 
 
 def check_mode(mode: str | None) -> None:
-    """Raise ValueError unless ``mode`` is None (not chosen) or one of :data:`MODES`."""
+    """Raise ConfigError unless ``mode`` is None (not chosen) or one of :data:`MODES`."""
     if mode is not None and mode not in MODES:
-        raise ValueError(f"source paths {mode!r} is not known; choose one of {', '.join(MODES)}")
+        raise ConfigError(f"source paths {mode!r} is not known; choose one of {', '.join(MODES)}")
 
 
 def is_hashed_name(name: str | None) -> bool:
@@ -58,9 +58,19 @@ class PathNamer:
     def __init__(self, mode: str = "relative", secret: bytes = b""):
         check_mode(mode)
         if mode != "relative" and not secret:
-            raise ValueError(f"source paths {mode!r} need the collection's secret")
+            raise ConfigError(f"source paths {mode!r} need the collection's secret")
         self.mode, self.secret = mode, secret
         self.seen: dict[str, str] = {}
+
+    def without_secret(self) -> "PathNamer":
+        """A copy without the key, to send to a worker (:meth:`keyed` there gives it back)."""
+        namer = PathNamer()
+        namer.mode, namer.secret = self.mode, b""
+        return namer
+
+    def keyed(self, secret: bytes) -> "PathNamer":
+        """This naming under ``secret`` (a worker's copy given the collection's key)."""
+        return self if self.secret or self.mode == "relative" else PathNamer(self.mode, secret)
 
     def name(self, rel: str) -> str:
         """What the ledger calls the input at ``rel`` (and, unless ``none``, the items' source)."""
@@ -121,7 +131,7 @@ def apply_source_paths(source: Any, collection: "Collection") -> str:
     follow the same rule (their corpus file name is a path too)."""
     requested = getattr(source, "source_paths", None)
     pseudonymised = bool(getattr(source, "pseudonymised_patients", False))
-    with collection.write_lock():
+    with collection.lock.hold():
         mode = choose_mode(collection, requested, pseudonymised)
         if read_source_paths(collection.root) != mode:
             write_source_paths(collection.root, mode)

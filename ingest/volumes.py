@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from caselens.errors import ConfigError
+
 POOLINGS = ("mean", "maxmean")
 UNITS = ("instance", "series", "study")
 
@@ -30,7 +32,7 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
+            raise ConfigError(f"pooling {self.pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
 
 
 def sample_indices(n: int, k: int) -> list[int]:
@@ -50,7 +52,7 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 def pool(vectors: np.ndarray, groups: list[int] | None = None, pooling: str = "mean") -> np.ndarray:
     """One vector from slice ``vectors`` (n x d): pooled per group, then the groups averaged."""
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling {pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
+        raise ConfigError(f"pooling {pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
     vectors = np.asarray(vectors, np.float32)
     if vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError("pool needs at least one slice vector (an n x d matrix)")

@@ -19,10 +19,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from caselens.errors import QueryError
-from caselens.indexes.bm25_index import bm25_index
+from caselens.indexes.bm25_index import Bm25Index
 from caselens.indexes.collection import Collection
-from caselens.retrieval.search import (SearchResult, _predicate, candidate_rows, collection_encoder, dense_rows,
-                                       hits_for_rows)
+from caselens.indexes.derived import bm25_for_read
+from caselens.indexes.reader import reader_of
+from caselens.indexes.snapshot import Snapshot
+from caselens.retrieval.search import SearchResult, collection_encoder, hits_for_rows, predicate
 
 RRF_K = 60  # rank offset of reciprocal rank fusion (60 as in Cormack et al.)
 DEPTH = 100  # how deep each ranking is read before fusing
@@ -66,8 +68,9 @@ def rrf(rankings: Sequence[Sequence[int]], rrf_k: int = RRF_K) -> list[tuple[flo
 
 
 class TextRanker:
-    """Ranks a collection's rows for text queries in each mode, holding the loaded BM25 index (the
-    FAISS index is kept in memory by the collection) so a batch of queries pays for loading once."""
+    """Ranks a collection's rows for text queries in each mode, on the latest snapshot, holding the
+    BM25 index it reads (the FAISS index is held by the collection's reader), so a batch of
+    queries pays for loading once."""
 
     def __init__(self, collection: Collection, depth: int = DEPTH, rrf_k: int = RRF_K,
                  reranker: Reranker | None = None):
@@ -75,46 +78,56 @@ class TextRanker:
         self.depth = depth
         self.rrf_k = rrf_k
         self.reranker = reranker
-        self._bm25: Any = None
+        self._bm25: tuple[int, Bm25Index] | None = None  # (snapshot version, index)
 
     @property
     def encoder(self) -> Any:
         return collection_encoder(self.collection)
 
-    def bm25(self) -> Any:
-        if self._bm25 is None:
-            self._bm25 = bm25_index(self.collection)
-        return self._bm25
-
-    def _dense(self, vector: np.ndarray, n: int, predicate: str | None) -> list[tuple[float, int]]:
-        return dense_rows(self.collection, vector, n, predicate)[0]
+    def bm25(self, snapshot: Snapshot) -> Bm25Index:
+        """The BM25 index read for ``snapshot`` (see :func:`caselens.indexes.derived.bm25_for_read`)."""
+        held = self._bm25
+        if held is None or held[0] != snapshot.version:
+            held = self._bm25 = (snapshot.version, bm25_for_read(self.collection, snapshot.texts, snapshot.version))
+        return held[1]
 
     def rank(self, text: str, n: int, mode: str, vector: np.ndarray | None = None,
-             predicate: str | None = None) -> list[tuple[float, int]]:
-        """Top ``n`` (score, ``_row``) for ``text`` in ``mode``; ``vector`` is the query's embedding
-        when already computed (dense and hybrid)."""
+             where: str | None = None) -> tuple[list[tuple[float, int]], Snapshot]:
+        """Top ``n`` (score, ``_row``) for ``text`` in ``mode`` among the rows matching the predicate
+        ``where``, and the snapshot they were ranked in; ``vector`` is the query's embedding when
+        already computed (dense and hybrid)."""
         if mode not in ("dense", "bm25", "hybrid"):
             raise QueryError(f"search mode {mode!r} is not known; use dense, bm25 or hybrid")
         depth = max(n, self.depth)
         if mode != "bm25" and vector is None:
             vector = self.encoder.encode_queries([text])[0]
-        allowed = candidate_rows(self.collection, predicate) if predicate is not None and mode != "dense" else None
+        view = reader_of(self.collection).view()
+        snapshot = view.snapshot
+        allowed = snapshot.select(where) if where is not None else None
         if mode == "dense":
-            found = self._dense(vector, depth if self.reranker else n, predicate)
+            found = view.rank(vector, depth if self.reranker else n, allowed)
         elif mode == "bm25":
-            found = self.bm25().search(text, depth if self.reranker else n, allowed)
+            found = self._keywords(text, depth if self.reranker else n, snapshot, allowed)
         else:
-            dense = self._dense(vector, depth, predicate)
-            keyword = self.bm25().search(text, depth, allowed)
+            dense = view.rank(vector, depth, allowed)
+            keyword = self._keywords(text, depth, snapshot, allowed)
             found = rrf([[r for _, r in dense], [r for _, r in keyword]], self.rrf_k)
             if not self.reranker:
                 found = found[:n]
         if self.reranker and found:
-            texts = self.collection.rows_by_row_ids([r for _, r in found], ["text"])
+            texts = snapshot.row_dicts([r for _, r in found])
             scores = self.reranker.rerank(text, [texts.get(r, {}).get("text") or "" for _, r in found])
             order = np.argsort(-scores, kind="stable")[:n]
             found = [(float(scores[i]), found[i][1]) for i in order]
-        return found[:n]
+        return found[:n], snapshot
+
+    def _keywords(self, text: str, n: int, snapshot: Snapshot, allowed: np.ndarray | None) -> list[tuple[float, int]]:
+        index = self.bm25(snapshot)
+        found = index.search(text, n, allowed)
+        if index.stamp.table_version != snapshot.version:  # rows deleted since it was built never rank
+            held = snapshot.contains(np.asarray([r for _, r in found], np.int64))
+            found = [f for f, ok in zip(found, held.tolist()) if ok]
+        return found
 
 
 def keyword_search(collection: Collection, text: str, k: int = 10, where: str | None = None,
@@ -123,14 +136,15 @@ def keyword_search(collection: Collection, text: str, k: int = 10, where: str | 
     start = time.perf_counter()
     if k < 1:
         raise QueryError(f"k must be at least 1, got {k}")
-    predicate = _predicate(collection, where, None, None)
-    ranker = TextRanker(collection, depth=depth, reranker=reranker)
-    found = ranker.rank(text, k, mode, predicate=predicate)
-    candidates = len(candidate_rows(collection, predicate)) if predicate else collection.count()
+    snapshot = reader_of(collection).snapshot()
+    where = predicate(collection, snapshot, where)
+    found, snapshot = TextRanker(collection, depth=depth, reranker=reranker).rank(text, k, mode, where=where)
+    candidates = len(snapshot.select(where)) if where else len(snapshot)
     encoder = collection.encoder["spec"] if mode == "hybrid" else "bm25s"
     return SearchResult(collection=collection.name, query=f"text {text!r}", encoder=encoder,
-                        hits=hits_for_rows(collection, found), candidates=candidates,
-                        milliseconds=(time.perf_counter() - start) * 1000, mode=mode)
+                        hits=hits_for_rows(snapshot, found), candidates=candidates,
+                        milliseconds=(time.perf_counter() - start) * 1000, mode=mode,
+                        table_version=snapshot.version).bind(collection)
 
 
 __all__ = ["CrossEncoderReranker", "DEPTH", "RRF_K", "Reranker", "TextRanker", "keyword_search", "rrf"]

@@ -1,32 +1,50 @@
-"""Search a collection by image, text or vector, with metadata filters applied before ranking.
+"""Search a collection by image, text, item id or vector, with metadata filters applied before ranking.
 
 Queries are encoded with the collection's own encoder (rebuilt from its stored record and checked
-against its fingerprint). Filters (``where``, an SQL predicate over the metadata columns) and
-exclusions (``exclude_same="patient_id"``: drop items of the query's own patient) select the
-candidate rows first; the FAISS index then ranks only the candidates (a bitmap ID selector, with
-``nprobe`` widened by the selectivity), and HNSW indexes rank small candidate sets exactly, so a
-filter never starves the top-k.
+against its fingerprint). Every search reads one snapshot of the latest committed table version
+without the write lock (:class:`caselens.indexes.reader.Reader`): filters (``where``, an SQL
+predicate over the metadata columns) and exclusions (``exclude_same="patient_id"``: drop items of
+the query's own patient) select that snapshot's candidate rows first; the last stamped FAISS
+index ranks the candidates it holds (a bitmap ID selector, ``nprobe`` widened by the
+selectivity; HNSW indexes rank small candidate sets exactly) and the rows committed since it
+was stamped are ranked exactly, so a filter never starves the top-k and a search during an
+ingest sees everything committed before it began.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+from PIL import Image
 
+from caselens.csv_safe import write_csv
 from caselens.errors import QueryError
-from caselens.indexes.collection import Collection
-from caselens.indexes import faiss_index
-from caselens.indexes.faiss_index import search_index
-from caselens.ingest.items import Item, Rejection
-from caselens.ingest.sources.image_folder import ImageSource
+from caselens.indexes.collection import Collection, quote
+from caselens.indexes.reader import ReadView, reader_of
+from caselens.indexes.snapshot import Snapshot
+from caselens.ingest.deid import pseudonym
 from caselens.ingest.encoders import Encoder, load_from_record
+from caselens.ingest.items import Item, Rejection
+from caselens.ingest.sources.dicom import DicomOptions
+from caselens.ingest.sources.image_folder import ImageSource
+from caselens.retrieval.report import HtmlView, hits_html
 
-EXACT_BELOW = 50_000  # with an HNSW index, filtered candidate sets up to this size are ranked exactly
+MODES = ("dense", "bm25", "hybrid")  # text search: vectors, keywords (BM25), or both fused (RRF)
+SCORE_MEANING = {"dense": "cosine similarity", "bm25": "BM25 score", "hybrid": "reciprocal rank fusion score"}
+ImageQuery = Path | str | bytes | Image.Image
+
+
+class ExclusionUnknownError(QueryError):
+    """``exclude_same`` asked for a value the query does not have (an outside image, no patient named)."""
 
 
 @dataclass
@@ -34,7 +52,7 @@ class Hit:
     """One search result."""
 
     rank: int  # 1-based
-    score: float  # cosine similarity (inner product of unit vectors)
+    score: float  # cosine similarity (dense), BM25 score or fused RRF score (see SearchResult.mode)
     id: str  # item id
     kind: str  # "image" or "text"
     label: str | None  # the item's label, when it has one
@@ -49,15 +67,83 @@ class SearchResult:
     """Hits for one query, with what was searched and how long it took."""
 
     collection: str
-    query: str  # what the query was ("image foo.png", "text '…'", "vector")
+    query: str  # what the query was ("image foo.png", "text '…'", "vector", "item <id>")
     encoder: str  # spec of the encoder used
     hits: list[Hit]
     candidates: int  # rows the ranking ran over after filters and exclusions
     milliseconds: float
     mode: str = "dense"  # "dense" (score: cosine), "bm25" (score: BM25) or "hybrid" (score: fused RRF)
+    table_version: int = 0  # the table version searched (a snapshot)
+
+    def __post_init__(self) -> None:
+        self._searched: Collection | None = None  # set by bind(); not part of the record
+
+    @property
+    def score_meaning(self) -> str:
+        """What :attr:`Hit.score` is in this result."""
+        return SCORE_MEANING.get(self.mode, self.mode)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.hits)
+
+    def __getitem__(self, i: int) -> Hit:
+        return self.hits[i]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One flat dict per hit: rank, score, id, kind, label, source, text, then metadata columns
+        and ``provenance`` as JSON text."""
+        out = []
+        for h in self.hits:
+            row = {"rank": h.rank, "score": h.score, "id": h.id, "kind": h.kind, "label": h.label,
+                   "source": h.source, "text": h.text}
+            row.update({k: v for k, v in h.metadata.items() if k not in row})
+            row["provenance"] = json.dumps(h.provenance, sort_keys=True)
+            out.append(row)
+        return out
+
+    def to_csv(self, path: str | Path) -> int:
+        """Write :meth:`records` to a CSV file (atomically); cells that a spreadsheet would run as
+        formulas (``=cmd|...`` from a manifest) are neutralised (:mod:`caselens.csv_safe`).
+        Returns the rows written."""
+        records = self.records()
+        columns = ["rank", "score", "id", "kind", "label", "source", "text"]
+        columns += sorted({k for r in records for k in r} - set(columns) - {"provenance"}) + ["provenance"]
+        return write_csv(path, columns, records)
+
+    def to_arrow(self) -> pa.Table:
+        """The hits as an Arrow table (one row per hit; see :meth:`records`)."""
+        records = self.records()
+        if not records:
+            return pa.table({"rank": pa.array([], pa.int64()), "score": pa.array([], pa.float64()),
+                             "id": pa.array([], pa.string())})
+        return pa.Table.from_pylist(records)
+
+    def to_pandas(self) -> Any:
+        """The hits as a pandas DataFrame (needs pandas)."""
+        return self.to_arrow().to_pandas()
+
+    def bind(self, collection: Collection) -> "SearchResult":
+        """Remember the collection searched, so :meth:`show` can find the hits' images."""
+        self._searched = collection
+        return self
+
+    def show(self, size: int = 160, query_image: str | Path | None = None) -> HtmlView:
+        """The hits as an image grid with scores and labels (shown inline in a notebook; ``.save(path)``
+        writes a self-contained HTML file)."""
+        collection = self._searched
+        if collection is None:
+            raise QueryError("this result does not know its collection; search through caselens.open(...).search "
+                             "or call result.bind(collection) first")
+        return HtmlView(hits_html(self, collection, size, query_image), title=f"caselens: {self.query}")
 
 
 _ENCODERS: dict[str, Encoder] = {}
@@ -74,63 +160,35 @@ def collection_encoder(collection: Collection) -> Encoder:
     return _ENCODERS[key]
 
 
-def _quote(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(float(value))
-    return "'" + str(value).replace("'", "''") + "'"
+def _check_column(collection: Collection, snapshot: Snapshot, column: str) -> None:
+    if column not in snapshot.columns:
+        raise QueryError(f"collection {collection.name!r} has no column {column!r}; metadata columns: "
+                         f"{', '.join(c for c in snapshot.columns if c not in ('id', '_row', 'kind', 'source', 'text', 'provenance'))}")
 
 
-def _check_column(collection: Collection, column: str) -> None:
-    if column not in collection.columns():
-        raise QueryError(f"collection {collection.name!r} has no column {column!r}; "
-                         f"metadata columns: {', '.join(collection.metadata_columns())}")
-
-
-def _predicate(collection: Collection, where: str | None, exclude: dict[str, Any] | None,
-               exclude_ids: list[str] | None) -> str | None:
+def predicate(collection: Collection, snapshot: Snapshot, where: str | None, exclude: dict[str, Any] | None = None,
+              exclude_ids: list[str] | None = None) -> str | None:
+    """The SQL predicate of a search: ``where`` and, for each ``exclude`` column, rows whose value
+    differs (or is missing), and no row of ``exclude_ids``."""
     parts = [f"({where})"] if where else []
     for column, value in (exclude or {}).items():
-        _check_column(collection, column)
+        _check_column(collection, snapshot, column)
         if value is not None:
-            parts.append(f"({column} IS NULL OR {column} <> {_quote(value)})")
+            parts.append(f"({column} IS NULL OR {column} <> {quote(value)})")
     if exclude_ids:
-        parts.append("id NOT IN (" + ",".join(_quote(i) for i in exclude_ids) + ")")
+        parts.append("id NOT IN (" + ",".join(quote(i) for i in exclude_ids) + ")")
     return " AND ".join(parts) or None
 
 
-def candidate_rows(collection: Collection, predicate: str) -> np.ndarray:
-    """``_row`` numbers of the rows matching ``predicate`` (:class:`QueryError` for a bad one)."""
-    try:
-        return collection.rows(predicate, ["_row"]).column("_row").to_numpy()
-    except Exception as exc:  # LanceDB raises several types for a bad predicate
-        raise QueryError(f"filter {predicate!r} could not be applied: {exc}") from None
-
-
-def dense_rows(collection: Collection, query: np.ndarray, k: int,
-               predicate: str | None = None) -> tuple[list[tuple[float, int]], int]:
+def dense_rows(collection: Collection, query: np.ndarray, k: int, predicate: str | None = None,
+               view: ReadView | None = None) -> tuple[list[tuple[float, int]], int, Snapshot]:
     """Top-``k`` (cosine, ``_row``) for one unit ``query`` vector among the rows matching
-    ``predicate``, and how many candidate rows were ranked."""
-    query = np.asarray(query, np.float32).reshape(1, -1)
-    if predicate is None:
-        index, stamp = collection.index()
-        scores, rows = search_index(index, query, k, params=stamp.params, deleted=stamp.deleted)
-        candidates = stamp.live
-    else:
-        row_ids = candidate_rows(collection, predicate)
-        candidates = len(row_ids)
-        index, stamp = collection.index()
-        # FAISS restricted to the candidates (a bitmap ID selector) scores Flat and IVF indexes
-        # over the filtered set alone, nprobe widened by the selectivity up to every list; an
-        # HNSW graph cannot be walked through a sparse filter, so small sets are ranked exactly.
-        if candidates <= EXACT_BELOW and faiss_index.hnsw_of(index) is not None:
-            row_ids, vectors = collection.vectors_for_rows(row_ids)  # by row address, no second scan
-            sims = vectors @ query[0]
-            top = np.argsort(-sims, kind="stable")[:k]
-            scores, rows = sims[top][None], row_ids[top][None]
-        else:
-            scores, rows = search_index(index, query, k, allowed_ids=row_ids, params=stamp.params,
-                                        deleted=stamp.deleted)
-    return [(s, r) for s, r in zip(scores[0].tolist(), rows[0].tolist()) if r >= 0], candidates
+    ``predicate`` in the latest snapshot (or ``view``'s, taken by the caller for this search), how
+    many candidate rows were ranked, and the snapshot."""
+    view = view or reader_of(collection).view()
+    allowed = view.snapshot.selection(predicate) if predicate is not None else None
+    found = view.rank(np.asarray(query, np.float32), k, allowed)
+    return found, (len(view.snapshot) if allowed is None else len(allowed)), view.snapshot
 
 
 _NOT_METADATA = frozenset(("id", "_row", "kind", "source", "text", "provenance", "label"))
@@ -150,19 +208,14 @@ def _layout(names: tuple[str, ...]) -> tuple:
     return layout
 
 
-def hits_for_rows(collection: Collection, found: list[tuple[float, int]]) -> list[Hit]:
-    """Hits for ranked (score, ``_row``) pairs, with their stored text, metadata and provenance."""
-    rows = [r for _, r in found]
-    cached = collection.row_values(rows)
-    if cached is None:  # no in-memory copy of the table: rows read from LanceDB
-        meta = collection.rows_by_row_ids(rows)
-        names = tuple(next(iter(meta.values()))) if meta else ("_row", "id", "kind")
-        cached = names, [[meta[r][c] for c in names] if r in meta else None for r in rows]
-    names, values = cached
-    _, i_id, i_kind, i_label, i_source, i_text, i_prov, metadata = _layout(names)
+def hits_for_rows(snapshot: Snapshot, found: list[tuple[float, int]]) -> list[Hit]:
+    """Hits for ranked (score, ``_row``) pairs, with their stored text, metadata and provenance as of
+    ``snapshot``."""
+    values = snapshot.values([r for _, r in found])
+    _, i_id, i_kind, i_label, i_source, i_text, i_prov, metadata = _layout(snapshot.names)
     hits = []
     for rank, ((score, _), v) in enumerate(zip(found, values), start=1):
-        if v is None:  # the table moved on since the index was read; skip, never invent
+        if v is None:  # not a row of this version: never invented
             continue
         provenance = v[i_prov] if i_prov is not None else None
         hits.append(Hit(rank, score, v[i_id], v[i_kind],  # rank, score, id, kind, label, source, text
@@ -176,80 +229,138 @@ def hits_for_rows(collection: Collection, found: list[tuple[float, int]]) -> lis
 
 def search_vector(collection: Collection, query: np.ndarray, k: int = 10, where: str | None = None,
                   exclude: dict[str, Any] | None = None, exclude_ids: list[str] | None = None,
-                  query_desc: str = "vector", encoder_spec: str | None = None) -> SearchResult:
-    """Top-``k`` items for one unit ``query`` vector, after ``where`` and exclusions."""
+                  query_desc: str = "vector", encoder_spec: str | None = None,
+                  view: ReadView | None = None) -> SearchResult:
+    """Top-``k`` items for one unit ``query`` vector, after ``where`` and exclusions (in ``view``
+    when the caller took one for this search, else in the latest snapshot)."""
     start = time.perf_counter()
     if k < 1:
         raise QueryError(f"k must be at least 1, got {k}")
     query = np.asarray(query, np.float32).reshape(1, -1)
     if query.shape[1] != collection.dim:
         raise QueryError(f"query vector has dimension {query.shape[1]}, collection {collection.name!r} has {collection.dim}")
-    predicate = _predicate(collection, where, exclude, exclude_ids)
-    found, candidates = dense_rows(collection, query, k, predicate)
-    hits = hits_for_rows(collection, found)
+    if not math.isfinite(query.sum(dtype=np.float64)):  # (float32 values cannot overflow a float64 sum)
+        raise QueryError("query vector has NaN or infinite values")
+    view = view or reader_of(collection).view()
+    pred = predicate(collection, view.snapshot, where, exclude, exclude_ids)
+    found, candidates, snapshot = dense_rows(collection, query, k, pred, view)
     return SearchResult(collection=collection.name, query=query_desc,
-                        encoder=encoder_spec or collection.encoder["spec"], hits=hits, candidates=candidates,
-                        milliseconds=(time.perf_counter() - start) * 1000)
+                        encoder=encoder_spec or collection.encoder["spec"], hits=hits_for_rows(snapshot, found),
+                        candidates=candidates, milliseconds=(time.perf_counter() - start) * 1000,
+                        table_version=snapshot.version).bind(collection)
 
 
-def read_query_image(path: Path, collection: Collection) -> Item:
-    """Read a query image (or DICOM file) exactly as ingest would, so its id matches a stored copy."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise QueryError(f"query image {path} does not exist")
-    from caselens.ingest.sources.dicom import DicomOptions
-
+def read_query_image(image: ImageQuery, collection: Collection) -> Item:
+    """Read a query image (a path, the bytes of an uploaded file, or a PIL image) exactly as ingest
+    would, so that its id matches a stored copy and DICOM metadata is pseudonymised with the
+    collection's key."""
+    if isinstance(image, Image.Image):
+        return Item(id="", kind="image", input="query", source="query", image=image.convert("RGB")
+                    if image.mode not in ("L", "RGB") else image)
     options = DicomOptions(window=collection.encoder.get("window", "auto"))  # as the collection's items were read
-    result = ImageSource(root=path.parent, secret=collection.secret(), dicom_options=options).read(path.resolve(), {})
+    if isinstance(image, (bytes, bytearray, memoryview, io.BytesIO)):
+        data = image.getvalue() if isinstance(image, io.BytesIO) else bytes(image)
+        if not data:
+            raise QueryError("the query image is empty")
+        with tempfile.TemporaryDirectory(prefix="caselens-query-") as tmp:
+            path = Path(tmp) / "query"
+            path.write_bytes(data)
+            result = ImageSource(root=path.parent, secret=collection.secret(), dicom_options=options).read(path, {})
+        name = "the uploaded image"
+    else:
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise QueryError(f"query image {path} does not exist")
+        result = ImageSource(root=path.parent, secret=collection.secret(), dicom_options=options).read(path.resolve(), {})
+        name = f"query image {path.name}"
     if isinstance(result, Rejection):
-        raise QueryError(f"query image {path} cannot be read: {result.reason} ({result.reason_code})")
+        raise QueryError(f"{name} cannot be read: {result.reason} ({result.reason_code})")
     return result
 
 
-MODES = ("dense", "bm25", "hybrid")  # text search: vectors, keywords (BM25), or both fused (RRF)
-
-
-def search(collection: Collection, *, image: Path | None = None, text: str | None = None, k: int = 10,
-           where: str | None = None, exclude_same: str | None = None, mode: str = "dense") -> SearchResult:
-    """Search ``collection`` with an image file or a text query (exactly one). Text queries can
-    rank by ``mode``: "dense" (the encoder), "bm25" (keywords) or "hybrid" (both, fused)."""
-    if (image is None) == (text is None):
-        raise QueryError("give exactly one query: an image path or a text")
-    if mode not in MODES:
-        raise QueryError(f"search mode {mode!r} is not known; use one of {', '.join(MODES)}")
-    if mode != "dense" and image is not None:
-        raise QueryError(f"--mode {mode} ranks texts by their words; an image query needs --mode dense")
-    if mode != "dense":
-        if not text or not text.strip():
-            raise QueryError("text query is empty")
-        if exclude_same:
-            raise QueryError("--exclude-same needs an image query whose metadata names the value to exclude")
-        from caselens.retrieval.fusion import keyword_search
-
-        return keyword_search(collection, text, k=k, where=where, mode=mode)
-    encoder = collection_encoder(collection)
-    exclude: dict[str, Any] = {}
-    if image is not None:
-        item = read_query_image(image, collection)
-        vector = encoder.encode_images([item.image])
-        desc = f"image {item.id}"  # its content id: a file name may name a patient
-        if exclude_same:
-            _check_column(collection, exclude_same)
-            stored = collection.rows(f"id = {_quote(item.id)}", [exclude_same], limit=1).to_pylist()
-            value = stored[0][exclude_same] if stored else item.metadata.get(exclude_same)
-            if value is None:
-                raise QueryError(f"--exclude-same {exclude_same}: the query image has no {exclude_same} "
-                                 "(it is not in the collection and its file does not say)")
-            exclude[exclude_same] = value
-    else:
-        if not text or not text.strip():
-            raise QueryError("text query is empty")
-        if exclude_same:
-            raise QueryError("--exclude-same needs an image query whose metadata names the value to exclude")
-        vector = encoder.encode_queries([text])
-        desc = f"text {text!r}"
+def _shape(collection: Collection, vectors: np.ndarray) -> np.ndarray:
     if collection.encoder.get("pooling"):  # series pooled by max/mean concatenation: shape the query alike
         from caselens.ingest.volumes import query_vectors
 
-        vector = query_vectors(vector, collection.encoder["pooling"])
-    return search_vector(collection, vector[0], k, where, exclude, query_desc=desc, encoder_spec=encoder.info.spec)
+        return query_vectors(vectors, collection.encoder["pooling"])
+    return vectors
+
+
+def search(collection: Collection, *, image: ImageQuery | None = None, text: str | None = None,
+           vector: np.ndarray | None = None, item_id: str | None = None, k: int = 10, where: str | None = None,
+           exclude_same: str | None = None, query_patient: str | None = None, exclude_self: bool = False,
+           mode: str = "dense") -> SearchResult:
+    """Search ``collection`` with exactly one query: an ``image`` (path, uploaded bytes or PIL image),
+    a ``text``, a ``vector`` or a stored item's ``item_id`` (the item itself is left out).
+
+    ``exclude_same`` names a column (e.g. ``patient_id``) whose value the query shares with items
+    to leave out: taken from the stored item when the query is in the collection, else from the
+    query file (DICOM), else from ``query_patient`` (a patient id of an outside query,
+    pseudonymised with the collection's key). ``exclude_self`` leaves out the stored copy of a
+    query image. Text queries rank by ``mode``: "dense" (the encoder), "bm25" (keywords) or
+    "hybrid" (both, fused)."""
+    given = [name for name, q in (("image", image), ("text", text), ("vector", vector), ("id", item_id))
+             if q is not None]
+    if len(given) != 1:
+        raise QueryError("give exactly one query: an image, a text, a vector or an item id"
+                         + (f" (got {', '.join(given)})" if given else ""))
+    if mode not in MODES:
+        raise QueryError(f"search mode {mode!r} is not known; use one of {', '.join(MODES)}")
+    if mode != "dense" and text is None:
+        raise QueryError(f"mode {mode} ranks texts by their words; an {given[0]} query needs mode dense")
+    if text is not None and not text.strip():
+        raise QueryError("text query is empty")
+    if query_patient is not None and exclude_same != "patient_id":
+        raise QueryError("query_patient names the query's patient for exclude_same='patient_id'; give both")
+    if mode != "dense":
+        if exclude_same:
+            raise QueryError("exclude_same needs an image or item query whose metadata names the value to exclude")
+        from caselens.retrieval.fusion import keyword_search
+
+        return keyword_search(collection, text, k=k, where=where, mode=mode)
+    view = reader_of(collection).view()  # one snapshot for the whole search
+    snapshot = view.snapshot
+    exclude: dict[str, Any] = {}
+    exclude_ids: list[str] = []
+    stored_id: str | None = None
+    spec = collection.encoder["spec"]
+    metadata: dict[str, Any] = {}
+    if item_id is not None:
+        row = snapshot.row_of(item_id)
+        if row is None:
+            raise QueryError(f"collection {collection.name!r} has no item {item_id!r}")
+        _, vectors = snapshot.vectors(np.asarray([row]))
+        query, stored_id, desc = vectors[0], item_id, f"item {item_id}"
+        exclude_ids.append(item_id)
+    elif vector is not None:
+        query, desc = np.asarray(vector, np.float32).reshape(-1), "vector"
+    else:
+        encoder = collection_encoder(collection)
+        spec = encoder.info.spec
+        if image is not None:
+            item = read_query_image(image, collection)
+            query = _shape(collection, encoder.encode_images([item.image]))[0]
+            desc = f"image {item.id}" if item.id else "image"  # its content id: a file name may name a patient
+            stored_id, metadata = (item.id or None), item.metadata
+            if exclude_self and stored_id and snapshot.row_of(stored_id) is not None:
+                exclude_ids.append(stored_id)
+        else:
+            query = _shape(collection, encoder.encode_queries([text]))[0]
+            desc = f"text {text!r}"
+    if exclude_same:
+        _check_column(collection, snapshot, exclude_same)
+        value = None
+        row = snapshot.row_of(stored_id) if stored_id else None
+        if row is not None:
+            value = snapshot.row_dicts([row]).get(row, {}).get(exclude_same)
+        if value is None:
+            value = metadata.get(exclude_same)
+        if value is None and query_patient is not None:
+            value = pseudonym(str(query_patient), collection.secret(), "patient")
+        if value is None:
+            raise ExclusionUnknownError(f"exclude_same {exclude_same}: the query has no {exclude_same} (it is not in the "
+                             "collection and its file does not say); name the patient with query_patient "
+                             "(--query-patient)")
+        exclude[exclude_same] = value
+    return search_vector(collection, query, k, where, exclude, exclude_ids or None, query_desc=desc,
+                         encoder_spec=spec, view=view)

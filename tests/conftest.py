@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,29 @@ def chat_server():
     server = ChatServer()
     yield server
     server.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local Ray cluster for the Ray runner's tests (2 CPUs, no dashboard), shut down at the end;
+    yields the fault-point folder its workers watch (``caselens.ingest.ray_stages.FAULTS_ENV``)."""
+    ray = pytest.importorskip("ray")
+    from caselens.ingest.ray_stages import FAULTS_ENV
+
+    faults = tmp_path_factory.mktemp("ray-faults")
+    before = os.environ.get(FAULTS_ENV)
+    os.environ[FAULTS_ENV] = str(faults)  # set before the cluster starts: its workers inherit it
+    if ray.is_initialized():
+        ray.shutdown()
+    with warnings.catch_warnings():  # Ray starts its processes with fork+exec: nothing of Lance runs there
+        warnings.filterwarnings("ignore", message="lancedb fork support")
+        warnings.filterwarnings("ignore", message="lance is not fork-safe")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield faults
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop(FAULTS_ENV, None)
+        else:
+            os.environ[FAULTS_ENV] = before

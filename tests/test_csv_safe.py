@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from caselens.csv_safe import neutralise, write_csv
-from caselens.retrieval.cli import main
+from caselens.cli import main
 
 FORMULAS = ["=cmd|' /C calc'!A0", "@SUM(1+1)*cmd|' /C calc'!A0", "+1+cmd|' /C calc'!A0",
             "-2+3+cmd|' /C calc'!A0", "\t=1+1", "\r=1+1", "  =HYPERLINK(\"http://x\")", "\uff1d1+1"]
@@ -34,7 +34,7 @@ def test_ledger_and_search_exports_neutralise_manifest_values(home: Path, tmp_pa
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    lines = ["path,label,note,score"]
+    lines = ["path,label,note,value"]
     for i, value in enumerate(FORMULAS[:4]):
         Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(folder / f"{i}.png")
         lines.append(f'{i}.png,"{value.replace(chr(34), chr(34) * 2)}","{value.replace(chr(34), chr(34) * 2)}",-{i}.5')
@@ -49,5 +49,5 @@ def test_ledger_and_search_exports_neutralise_manifest_values(home: Path, tmp_pa
     assert len(rows) == 4
     for row in rows:
         assert row["label"].startswith("'") and row["note"].startswith("'") and row["label"][1:] in FORMULAS
-        assert float(row["score"]) < 0  # numbers stay numbers
+        assert float(row["value"]) < 0  # numbers stay numbers
     assert len(list(csv.DictReader(ledger_csv.open(newline="")))) == 4

@@ -18,10 +18,12 @@ from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources.dicom import WINDOW_PRESETS, DicomOptions, decode_frames, read_dicom
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 from caselens.ingest.volumes import pool, sample_indices
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.ingest.encoders import load_encoder
 
 from conftest import SHARED_DATA, needs_shared
+
+KEY = bytes(range(32))  # a pseudonym key (collections make their own)
 
 QUIET = IngestConfig(progress=False)
 WG04 = SHARED_DATA / "dicom" / "wg04"
@@ -50,7 +52,7 @@ def _ingest(home: Path, source: DicomSource, name: str = "ct"):
 # ------------------------------------------------------------------ discovery
 def test_scan_groups_a_dicomdir_tree_by_patient_study_series_without_phi(capsys) -> None:
     dicomdir = _pydicom_dir() / "dicomdirtests" / "DICOMDIR"
-    report = scan(dicomdir, b"key")
+    report = scan(dicomdir, KEY)
     summary = report.summary()
     assert (summary["patients"], summary["studies"], summary["series"], summary["instances"]) == (2, 6, 13, 31)
     assert summary["modalities"] == {"MR": 17, "CT": 11, "CR": 3}
@@ -74,7 +76,7 @@ def test_scan_of_a_folder_recognises_dicom_by_preamble_not_suffix(tmp_path: Path
     shutil.copy(src / "CT_small.dcm", tmp_path / "IM0001")  # no suffix, as in PACS exports
     shutil.copy(src / "MR_small.dcm", tmp_path / "IM0002")
     (tmp_path / "notes.txt").write_text("not dicom")
-    summary = scan(tmp_path, b"k").summary()
+    summary = scan(tmp_path, KEY).summary()
     assert summary["instances"] == 2 and summary["modalities"] == {"CT": 1, "MR": 1}
     assert summary["unreadable_by_reason"] == {"not_dicom": 1}
     assert main(["scan", str(tmp_path)]) == 0
@@ -96,7 +98,7 @@ def test_symlinks_and_paths_leaving_the_root_are_refused(tmp_path: Path, home: P
     assert codes == {"link.dcm": "symlink", "linkdir": "symlink"}
     files = list(walk_inputs(root, files=[outside / "secret.dcm"]))
     assert [e.reason_code for e in files] == ["outside_root"]
-    coll, report = _ingest(home, DicomSource(root))
+    coll, report = _ingest(home, DicomSource(root, KEY))
     assert report.accepted == 1 and dict(report.rejected) == {"symlink": 2}
 
 
@@ -104,25 +106,25 @@ def test_symlinks_and_paths_leaving_the_root_are_refused(tmp_path: Path, home: P
 def test_burned_in_annotation_is_rejected_by_default_and_flagged_when_allowed(home: Path) -> None:
     us = _deid_dir() / "data" / "ultrasounds" / "GREYSCALE_IMAGE.dcm"
     with pytest.raises(Exception) as info:
-        read_dicom(us, b"k")
+        read_dicom(us, KEY)
     assert getattr(info.value, "code", None) == "burned_in_annotation"
-    image, meta, prov = read_dicom(us, b"k", DicomOptions(allow_burned_in=True))
+    image, meta, prov = read_dicom(us, KEY, DicomOptions(allow_burned_in=True))
     assert meta["burned_in_annotation"] == "YES" and image.size[0] > 0
 
 
 def test_window_presets_and_per_modality_defaults() -> None:
     ct = _pydicom_dir() / "CT_small.dcm"
-    base, _, prov = read_dicom(ct, b"k")
+    base, _, prov = read_dicom(ct, KEY)
     assert prov["window"] == "percentile"  # no window in the file, no body part: percentile
     seen = {}
     for name, (center, width) in WINDOW_PRESETS.items():
-        image, _, prov = read_dicom(ct, b"k", DicomOptions(window=name))
+        image, _, prov = read_dicom(ct, KEY, DicomOptions(window=name))
         assert prov["window"] == name and prov["center"] == center and prov["width"] == width
         seen[name] = np.asarray(image, np.float32)
     assert seen["brain"].mean() > seen["bone"].mean()  # narrow soft-tissue window saturates more
     assert not np.array_equal(seen["lung"], seen["mediastinum"])
     mr = _pydicom_dir() / "MR_small.dcm"
-    _, _, prov = read_dicom(mr, b"k", DicomOptions(window="lung"))
+    _, _, prov = read_dicom(mr, KEY, DicomOptions(window="lung"))
     assert prov["window"] == "percentile"  # presets are Hounsfield units: MR falls back
     with pytest.raises(ValueError, match="choose one of"):
         DicomOptions(window="liver-ish")
@@ -130,12 +132,12 @@ def test_window_presets_and_per_modality_defaults() -> None:
 
 def test_photometric_interpretations_and_multiframe() -> None:
     d = _pydicom_dir()
-    palette, _, prov = read_dicom(d / "examples_palette.dcm", b"k")
+    palette, _, prov = read_dicom(d / "examples_palette.dcm", KEY)
     assert palette.mode == "RGB" and prov["window"] == "palette"
-    ybr, _, prov = read_dicom(d / "SC_ybr_full_422_uncompressed.dcm", b"k")
-    rgb, _, _ = read_dicom(d / "SC_rgb_small_odd.dcm", b"k")
+    ybr, _, prov = read_dicom(d / "SC_ybr_full_422_uncompressed.dcm", KEY)
+    rgb, _, _ = read_dicom(d / "SC_rgb_small_odd.dcm", KEY)
     assert ybr.mode == "RGB" and rgb.mode == "RGB"
-    frames, _, prov = decode_frames(d / "SC_rgb_rle_2frame.dcm", b"k", frames="all")
+    frames, _, prov = decode_frames(d / "SC_rgb_rle_2frame.dcm", KEY, frames="all")
     assert len(frames) == 2 and prov["frame"] == [0, 1]
 
 
@@ -162,8 +164,8 @@ def test_wg04_compressed_files_decode_to_the_pixels_of_their_rle_twin() -> None:
             else:
                 assert np.array_equal(a, b), f.name
             # and our 8-bit rendering agrees (exactly for lossless)
-            ia = np.asarray(read_dicom(f, b"k")[0], np.int16)
-            ib = np.asarray(read_dicom(twin, b"k")[0], np.int16)
+            ia = np.asarray(read_dicom(f, KEY)[0], np.int16)
+            ib = np.asarray(read_dicom(twin, KEY)[0], np.int16)
             assert (np.abs(ia - ib).max() == 0) if folder != "J2KI" else (np.abs(ia - ib).mean() < 6)
             checked[folder] += 1
     assert checked == {"JPLL": 2, "JLSL": 2, "J2KR": 3, "J2KI": 3}
@@ -177,7 +179,7 @@ def test_every_test_file_is_ingested_or_rejected_with_a_reason(home: Path, tmp_p
     shutil.copytree(_deid_dir(), root / "deid")
     shutil.copytree(WG04, root / "wg04")
     n_files = sum(1 for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    coll, report = _ingest(home, DicomSource(root, config=DicomSourceConfig(workers=2, source_paths="relative")),
+    coll, report = _ingest(home, DicomSource(root, KEY, config=DicomSourceConfig(workers=2, source_paths="relative")),
                            "all")  # names checked below: relative paths (the default for DICOM is hashed)
     ledger = coll.ledger(report.run_id)
     assert len(ledger) == n_files == report.accepted + report.duplicates + sum(report.rejected.values())
@@ -197,7 +199,7 @@ def test_every_test_file_is_ingested_or_rejected_with_a_reason(home: Path, tmp_p
 # ------------------------------------------------------------------ units
 def test_series_and_study_units_pool_sampled_slices_with_provenance(home: Path) -> None:
     dicomdir = _pydicom_dir() / "dicomdirtests" / "DICOMDIR"
-    coll, report = _ingest(home, DicomSource(dicomdir, config=DicomSourceConfig(unit="series", slices=3)), "series")
+    coll, report = _ingest(home, DicomSource(dicomdir, KEY, config=DicomSourceConfig(unit="series", slices=3)), "series")
     assert report.accepted == 13 and not report.rejected
     ledger = coll.ledger(report.run_id)
     assert len(ledger) == 31 and {e["status"] for e in ledger} == {"accepted"}  # one row per file
@@ -208,12 +210,12 @@ def test_series_and_study_units_pool_sampled_slices_with_provenance(home: Path) 
     big = max(prov, key=lambda p: p["instances"])
     assert big["instances"] > 3 and big["slices_used"] == 3 and len(big["chosen"]) == 3 and big["slice_choice"]
     assert all(r["series_uid"].startswith("2.25.") for r in rows)
-    study_coll, study = _ingest(home, DicomSource(dicomdir, config=DicomSourceConfig(unit="study", slices=2)), "study")
+    study_coll, study = _ingest(home, DicomSource(dicomdir, KEY, config=DicomSourceConfig(unit="study", slices=2)), "study")
     assert study.accepted == 6
     sprov = [json.loads(r["provenance"]) for r in study_coll.rows(columns=["provenance"]).to_pylist()]
     assert sum(p["series"] for p in sprov) == 13 and all(p["unit"] == "study" for p in sprov)
     # a second run adds nothing: unit ids are content-addressed
-    _, again = _ingest(home, DicomSource(dicomdir, config=DicomSourceConfig(unit="series", slices=3)), "series")
+    _, again = _ingest(home, DicomSource(dicomdir, KEY, config=DicomSourceConfig(unit="series", slices=3)), "series")
     assert again.accepted == 0 and again.duplicates == 13
 
 
@@ -239,7 +241,7 @@ def test_nifti_volumes_go_the_same_way(home: Path, tmp_path: Path) -> None:
     img.header["descrip"] = b"PATIENT Canary^Nifti"
     nib.save(img, folder / "ct.nii.gz")
     (folder / "bad.nii").write_bytes(b"\x00" * 50)
-    coll, report = _ingest(home, DicomSource(folder, config=DicomSourceConfig(unit="series", slices=4)), "nii")
+    coll, report = _ingest(home, DicomSource(folder, KEY, config=DicomSourceConfig(unit="series", slices=4)), "nii")
     assert report.accepted == 1 and dict(report.rejected) == {"corrupt_nifti": 1}
     prov = json.loads(coll.rows(columns=["provenance"]).to_pylist()[0]["provenance"])
     assert prov["reader"] == "nibabel" and prov["slices"] == sample_indices(20, 4) and prov["pooling"] == "mean"
@@ -254,10 +256,10 @@ def test_workers_give_the_same_items_as_inline_decoding(home: Path, tmp_path: Pa
     for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
                  "rtplan.dcm", "MR_truncated.dcm", "examples_palette.dcm"):
         shutil.copy(d / name, folder / name)
-    inline = [it for it in DicomSource(folder, b"k")]
+    inline = [it for it in DicomSource(folder, KEY)]
     # a prefetch bound of 1 byte of pixels: one decoded file waits for the consumer at a time
     for config in (DicomSourceConfig(workers=2), DicomSourceConfig(workers=1, prefetch=2, prefetch_bytes=1)):
-        parallel = [it for it in DicomSource(folder, b"k", config)]
+        parallel = [it for it in DicomSource(folder, KEY, config)]
         assert [type(x).__name__ for x in inline] == [type(x).__name__ for x in parallel]
         assert [getattr(x, "id", getattr(x, "reason_code", None)) for x in inline] == \
             [getattr(x, "id", getattr(x, "reason_code", None)) for x in parallel]
@@ -271,7 +273,7 @@ def test_prefetch_is_bounded_by_decoded_pixels_as_well_as_by_files() -> None:
 
     d = _pydicom_dir()
     names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_rle.dcm", "rtplan.dcm", "MR_small_RLE.dcm"] * 3
-    tasks = [(str(d / n), n, b"k", DicomOptions()) for n in names]
+    tasks = [(str(d / n), n, KEY, DicomOptions()) for n in names]
     one = dicom_source._pixel_bytes(dicom_source._instance_task(*tasks[0]))
     assert one == 128 * 128  # CT_small: one 8-bit plane
     for window_bytes, most in ((0, (len(tasks), len(tasks))), (one, (2, 3))):
@@ -328,7 +330,7 @@ def test_image_folders_refuse_symlinks_too(home: Path, tmp_path: Path) -> None:
     folder.mkdir()
     shutil.copy(_pydicom_dir() / "CT_small.dcm", folder / "a.dcm")
     os.symlink(_pydicom_dir() / "MR_small.dcm", folder / "b.dcm")
-    codes = [getattr(x, "reason_code", "item") for x in ImageSource(folder, secret=b"k")]
+    codes = [getattr(x, "reason_code", "item") for x in ImageSource(folder, secret=KEY)]
     assert sorted(codes) == ["item", "symlink"]
 
 
@@ -345,16 +347,16 @@ def test_per_file_time_and_worker_memory_bounds(tmp_path: Path) -> None:
     folder.mkdir()
     ds.save_as(folder / "IM1")
     tight = DicomSourceConfig(workers=1, worker_memory_bytes=64 << 20)
-    assert [getattr(x, "reason_code", "item") for x in DicomSource(folder, b"k", tight)] == ["too_large"]
+    assert [getattr(x, "reason_code", "item") for x in DicomSource(folder, KEY, tight)] == ["too_large"]
     roomy = DicomSourceConfig(workers=1)
-    assert [getattr(x, "reason_code", "item") for x in DicomSource(folder, b"k", roomy)] == ["item"]
+    assert [getattr(x, "reason_code", "item") for x in DicomSource(folder, KEY, roomy)] == ["item"]
     # header budget: refused before decoding
     small_budget = DicomSourceConfig(options=DicomOptions(max_decoded_bytes=1 << 20))
-    rejected = list(DicomSource(folder, b"k", small_budget))
+    rejected = list(DicomSource(folder, KEY, small_budget))
     assert rejected[0].reason_code == "too_large" and "MiB" in rejected[0].reason
     # wall-clock bound per file
     with pytest.raises(Exception) as info:
-        decode_frames(folder / "IM1", b"k", DicomOptions(timeout_s=1e-4))
+        decode_frames(folder / "IM1", KEY, DicomOptions(timeout_s=1e-4))
     assert getattr(info.value, "code", None) == "timeout"
 
 

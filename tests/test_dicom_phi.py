@@ -10,7 +10,9 @@ import pydicom
 from pydicom.data import get_testdata_file
 
 from caselens.ingest.deid import PROFILE, deidentify_dataset, kept_metadata, pseudonym, shift_date
-from caselens.retrieval.cli import main
+from caselens.cli import main
+
+KEY = bytes(range(32))  # a pseudonym key (collections make their own)
 
 CANARIES = {
     "PatientName": "Canarybird^Zebedee",
@@ -60,22 +62,22 @@ def test_deidentified_header_drops_or_replaces_every_canary(tmp_path: Path) -> N
     path = _plant(tmp_path / "in")[0]
     ds = pydicom.dcmread(path)
     original = path.read_bytes()
-    clean = deidentify_dataset(ds, b"secret")
+    clean = deidentify_dataset(ds, KEY)
     assert path.read_bytes() == original  # the original file is never modified
     dumped = str(clean).encode() + json.dumps(clean.to_json_dict()).encode()
     for needle in _needles():
         assert needle not in dumped, needle
     assert clean.PatientIdentityRemoved == "YES" and "113100" in clean.DeidentificationMethod
-    assert clean.StudyInstanceUID == pseudonym(CANARIES["StudyInstanceUID"], b"secret", "uid")
-    meta = kept_metadata(ds, b"secret")
-    assert meta["patient_id"] == pseudonym("CANARY-PID-0042", b"secret", "patient")
+    assert clean.StudyInstanceUID == pseudonym(CANARIES["StudyInstanceUID"], KEY, "uid")
+    meta = kept_metadata(ds, KEY)
+    assert meta["patient_id"] == pseudonym("CANARY-PID-0042", KEY, "patient")
     # dates shift per patient and keep intervals
     shifted = meta["study_date"]
     assert shifted != "20190314" and len(shifted) == 8
     assert shift_date("20190324", 0) == "20190324"
     ds2 = pydicom.dcmread(path)
     ds2.StudyDate = "20190324"
-    later = kept_metadata(ds2, b"secret")["study_date"]
+    later = kept_metadata(ds2, KEY)["study_date"]
     import datetime as dt
 
     gap = dt.datetime.strptime(later, "%Y%m%d") - dt.datetime.strptime(shifted, "%Y%m%d")

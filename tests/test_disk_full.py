@@ -16,7 +16,7 @@ from PIL import Image
 
 from caselens.indexes import faiss_index
 from caselens.indexes.collection import Collection
-from caselens.retrieval.cli import main
+from caselens.cli import main
 
 
 def _mount(where: Path, size: int) -> str | None:

@@ -17,6 +17,8 @@ from caselens.ingest.items import Rejection
 from caselens.ingest.sources.dicom import DicomOptions, decode_frames, decode_isolated, DicomReadError
 from caselens.ingest.sources.image_folder import ImageSource
 
+KEY = bytes(range(32))  # a pseudonym key (collections make their own)
+
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = ROOT / "benchmarks" / "fuzz"
 
@@ -50,7 +52,7 @@ def test_manifest_path_with_a_nul_byte_is_rejected(tmp_path: Path) -> None:
     # found by fuzzing: os.lstat raised ValueError("embedded null byte") out of the reader
     Image.new("L", (8, 8), 7).save(tmp_path / "a.png")
     (tmp_path / "manifest.csv").write_bytes(b'path,label\n"a.png\x00\x00",x\na.png,y\n')
-    out = list(ImageSource(manifest=tmp_path / "manifest.csv"))
+    out = list(ImageSource(manifest=tmp_path / "manifest.csv", secret=KEY))
     assert [getattr(x, "reason_code", "item") for x in out] == ["bad_path", "item"]
 
 
@@ -61,7 +63,7 @@ def test_manifest_naming_a_column_twice_is_refused_clearly(tmp_path: Path) -> No
 
     (tmp_path / "manifest.csv").write_text("path,age,label,age\na.png,40,x,old\n")
     with pytest.raises(SourceError, match="more than once"):
-        ImageSource(manifest=tmp_path / "manifest.csv")
+        ImageSource(manifest=tmp_path / "manifest.csv", secret=KEY)
 
 
 def test_rle_decoder_panic_is_a_rejection(tmp_path: Path) -> None:
@@ -70,7 +72,7 @@ def test_rle_decoder_panic_is_a_rejection(tmp_path: Path) -> None:
     seed = _pydicom_file("MR_small_RLE.dcm")
     (tmp_path / "IM1").write_bytes(seed[:1882] + b"\xf1" + seed[1882:])
     with pytest.raises(DicomReadError) as info:
-        decode_frames(tmp_path / "IM1", b"k", DicomOptions())
+        decode_frames(tmp_path / "IM1", KEY, DicomOptions())
     assert info.value.code in ("corrupt_dicom", "undecodable_pixels")
 
 
@@ -85,10 +87,10 @@ def test_header_values_damaged_past_the_first_read_are_rejections(tmp_path: Path
     export = tmp_path / "export"
     export.mkdir()
     (export / "IM1").write_bytes(_pydicom_file("CT_small.dcm").replace(b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00C["))
-    found = header_of(export / "IM1", "IM1", b"k", DicomOptions())
+    found = header_of(export / "IM1", "IM1", KEY, DicomOptions())
     assert isinstance(found, Rejection) and found.reason_code == "corrupt_dicom"
-    assert scan(export, b"k").summary()["unreadable"] == 1
-    codes = [getattr(x, "reason_code", "item") for x in DicomSource(export, b"k", DicomSourceConfig(unit="series"))]
+    assert scan(export, KEY).summary()["unreadable"] == 1
+    codes = [getattr(x, "reason_code", "item") for x in DicomSource(export, KEY, DicomSourceConfig(unit="series"))]
     assert codes == ["corrupt_dicom"]
     from pydicom.data import get_testdata_file
 

@@ -68,7 +68,7 @@ def test_transformers_generator_generates_and_scores_options(tiny_lm: Path) -> N
 def test_langchain_retriever_and_chain(home: Path, tmp_path: Path, minilm) -> None:
     from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-    from caselens.retrieval.langchain_retriever import CaselensRetriever
+    from caselens.langchain_retriever import CaselensRetriever
 
     corpus = tmp_path / "kb.jsonl"
     rows = [{"id": "asthma", "text": "Asthma is a chronic disease of the airways.", "topic": "lung"},

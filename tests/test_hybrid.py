@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from caselens.indexes import bm25_index as bm25
+from caselens.indexes import derived
 from caselens.indexes.collection import Collection
 from caselens.ingest.chunking import chunker_for
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import TextCorpusSource
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.retrieval.fusion import CrossEncoderReranker, TextRanker, keyword_search, rrf
 from caselens.retrieval.search import search
 
@@ -54,25 +55,25 @@ def test_bm25_finds_rare_terms_and_its_index_follows_the_table(kb: Collection, t
     result = search(kb, text="ProSavin", k=3, mode="bm25")
     assert result.mode == "bm25" and result.hits[0].id == "d1"
     assert all(h.score > 0 for h in result.hits) and len(result.hits) == 1  # only d1 has the term
-    stamp = bm25.read_stamp(kb.root / bm25.FOLDER)
+    stamp = bm25.read_stamp(kb.layout.bm25_dir)
     assert stamp.table_version == kb.version and stamp.n_docs == len(DOCS)
     # new rows make the index stale: the next search rebuilds it from the new table version
     more = _corpus(tmp_path / "more.jsonl", [("d9", "Cystic fibrosis is caused by CFTR mutations.", "2017")])
     ingest(TextCorpusSource(more, chunker=chunker_for(minilm)), kb, minilm, QUIET)
     assert search(kb, text="CFTR mutations", k=1, mode="bm25").hits[0].id == "d9"
-    stamp = bm25.read_stamp(kb.root / bm25.FOLDER)
+    stamp = bm25.read_stamp(kb.layout.bm25_dir)
     assert stamp.table_version == kb.version and stamp.n_docs == len(DOCS) + 1
 
 
 def test_damaged_bm25_files_are_detected_and_rebuilt(kb: Collection) -> None:
-    bm25.bm25_index(kb)
-    folder = kb.root / bm25.FOLDER
+    derived.refresh_bm25(kb)
+    folder = kb.layout.bm25_dir
     victim = folder / bm25.ROWS_FILE
     victim.write_bytes(victim.read_bytes()[:-8] + b"\x00" * 8)
     with pytest.raises(bm25.IndexIntegrityError):
         bm25.load(folder)
-    bm25._LOADED.clear()  # a fresh process: nothing loaded yet
-    assert bm25.bm25_index(kb).search("osteoclasts", 1)[0][1] is not None
+    fresh = Collection.open(kb.name, kb.root.parent)  # a new reader: nothing loaded yet
+    assert search(fresh, text="osteoclasts", k=1, mode="bm25").hits  # no writer busy: rebuilt, not served damaged
     bm25.load(folder)  # rebuilt: verifies again
 
 
@@ -86,9 +87,9 @@ def test_filters_apply_before_keyword_and_hybrid_ranking(kb: Collection) -> None
 def test_hybrid_fuses_both_rankings(kb: Collection) -> None:
     ranker = TextRanker(kb)
     query = "lentiviral ProSavin gene therapy"
-    dense = [r for _, r in ranker.rank(query, 8, "dense")]
-    keyword = [r for _, r in ranker.rank(query, 8, "bm25")]
-    hybrid = ranker.rank(query, 8, "hybrid")
+    dense = [r for _, r in ranker.rank(query, 8, "dense")[0]]
+    keyword = [r for _, r in ranker.rank(query, 8, "bm25")[0]]
+    hybrid, _ = ranker.rank(query, 8, "hybrid")
     assert [r for _, r in hybrid] == [r for _, r in rrf([dense, keyword])][:8]
     result = search(kb, text=query, k=3, mode="hybrid")
     assert result.mode == "hybrid" and result.hits[0].id == "d1"
@@ -100,7 +101,7 @@ def test_search_modes_from_the_cli(kb: Collection, home: Path, capsys, tmp_path:
                  "--json", "--k", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "bm25" and out["hits"][0]["id"] == "d3"
-    assert main(["--home", str(home), "info", "kb"]) == 0
+    assert main(["--home", str(home), "info", "kb", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["bm25_index"]["fresh"] and info["bm25_index"]["n_docs"] == len(DOCS)
     assert info["chunking"] == {"max_tokens": 256, "overlap": 32}
@@ -132,9 +133,9 @@ def _tiny_cross_encoder(folder: Path) -> Path:
 def test_cross_encoder_reranker_reorders_the_fused_candidates(kb: Collection, tmp_path: Path) -> None:
     reranker = CrossEncoderReranker(str(_tiny_cross_encoder(tmp_path / "ce")), device="cpu")
     query = "pneumonia chest radiograph"
-    plain = TextRanker(kb).rank(query, 20, "hybrid")
-    reranked = TextRanker(kb, reranker=reranker).rank(query, 3, "hybrid")
-    texts = kb.rows_by_row_ids([r for _, r in plain], ["text"])
+    plain, snapshot = TextRanker(kb).rank(query, 20, "hybrid")
+    reranked, _ = TextRanker(kb, reranker=reranker).rank(query, 3, "hybrid")
+    texts = snapshot.row_dicts([r for _, r in plain])
     scores = reranker.rerank(query, [texts[r]["text"] for _, r in plain])
     expected = sorted(zip(scores.tolist(), [r for _, r in plain]), key=lambda x: -x[0])[:3]
     assert [r for _, r in reranked] == [r for _, r in expected]

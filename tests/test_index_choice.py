@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from caselens.indexes import faiss_index, index_choice
+from caselens.indexes import derived, faiss_index, index_choice
 from caselens.indexes.collection import Collection
 from caselens.indexes.index_choice import ChoiceConfig, IndexBudgetError, choose_and_build, parse_memory
 from caselens.retrieval.search import search_vector
@@ -171,17 +171,18 @@ def test_collection_auto_index_add_delete_without_rebuild(home: Path) -> None:
     both = clustered(4050)
     vecs, new = both[:4000], both[4000:]
     coll = make(home, vecs)
-    stamp = coll.build_index(config=SMALL)
+    stamp = derived.refresh(coll, config=SMALL)
     assert stamp.factory.startswith("IVF") and stamp.choice["recall"] >= 0.95
     assert stamp.choice["config"]["exact_below"] == 1000
     coll.add([{"id": f"n{i}", "kind": "image", "source": "n", "metadata": {}} for i in range(50)], new)
-    assert search_vector(coll, new[3], k=1).hits[0].id == "n3"  # searchable at once
-    after = faiss_index.read_stamp(coll.index_dir)
+    assert search_vector(coll, new[3], k=1).hits[0].id == "n3"  # searchable at once (ranked exactly)
+    derived.refresh(coll)  # the writer's refresh adds them to the index
+    after = faiss_index.read_stamp(coll.layout.faiss_dir)
     assert after.trained_on == stamp.trained_on == 4000 and after.added_since_build == 50  # no retraining
     assert after.choice["total_seconds"] == stamp.choice["total_seconds"]
-    assert coll.delete(["v5", "v6", "nope"]) == 2
+    assert derived.delete(coll, ["v5", "v6", "nope"]) == ["v5", "v6"]
     assert "v5" not in {h.id for h in search_vector(coll, vecs[5], k=10).hits}
-    after = faiss_index.read_stamp(coll.index_dir)
+    after = faiss_index.read_stamp(coll.layout.faiss_dir)
     assert after.removed_since_build == 2 and after.live == 4048 and after.table_version == coll.version
     assert {e["item_id"] for e in coll.ledger() if e["status"] == "deleted"} == {"v5", "v6"}
 
@@ -189,34 +190,34 @@ def test_collection_auto_index_add_delete_without_rebuild(home: Path) -> None:
 def test_hnsw_deletes_are_tombstoned_and_optimize_compacts_them(home: Path) -> None:
     vecs = clustered(3000)
     coll = make(home, vecs)
-    coll.build_index(config=ChoiceConfig(factories=("HNSW16",), n_queries=100, exact_below=100))
-    coll.delete([f"v{i}" for i in range(0, 900)])
-    stamp = faiss_index.read_stamp(coll.index_dir)
+    derived.refresh(coll, config=ChoiceConfig(factories=("HNSW16",), n_queries=100, exact_below=100))
+    derived.delete(coll, [f"v{i}" for i in range(0, 900)])
+    stamp = faiss_index.read_stamp(coll.layout.faiss_dir)
     assert len(stamp.deleted) == 900 and stamp.live == 2100
     hits = search_vector(coll, vecs[10], k=10).hits
     assert hits and all(int(h.id[1:]) >= 900 for h in hits)
-    report = coll.optimize()
+    report = derived.optimize(coll)
     assert report.rebuilt and "tombstones" in report.reason
-    stamp = faiss_index.read_stamp(coll.index_dir)
+    stamp = faiss_index.read_stamp(coll.layout.faiss_dir)
     assert stamp.deleted == [] and stamp.ntotal == 2100
 
 
 def test_optimize_retrains_when_recall_drifts_below_target(home: Path) -> None:
     vecs = clustered(3000, seed=1)
     coll = make(home, vecs)
-    coll.build_index(config=ChoiceConfig(exact_below=100, n_queries=100, factories=("IVF16,Flat",)))
+    derived.refresh(coll, config=ChoiceConfig(exact_below=100, n_queries=100, factories=("IVF16,Flat",)))
     # new data from elsewhere: the old centroids no longer fit; nprobe stays at its old value
     drift = clustered(6000, seed=42, clusters=200)
     coll.add([{"id": f"d{i}", "kind": "image", "source": "d", "metadata": {}} for i in range(6000)], drift)
-    coll.update_index()
-    stamp = faiss_index.read_stamp(coll.index_dir)
+    derived.refresh(coll)
+    stamp = faiss_index.read_stamp(coll.layout.faiss_dir)
     assert stamp.added_since_build == 6000 and stamp.trained_on == 3000
-    report = coll.optimize()
+    report = derived.optimize(coll)
     assert report.rebuilt and ("grew" in report.reason or "recall" in report.reason)
-    after = faiss_index.read_stamp(coll.index_dir)
+    after = faiss_index.read_stamp(coll.layout.faiss_dir)
     assert after.trained_on == 9000 and after.added_since_build == 0 and after.choice["recall"] >= 0.95
     # a second optimize with nothing changed leaves the index alone
-    assert not coll.optimize().rebuilt
+    assert not derived.optimize(coll).rebuilt
 
 
 @pytest.mark.parametrize("where, frac", [("bucket < 1", 0.001), ("bucket < 10", 0.01), ("bucket < 100", 0.1),
@@ -225,7 +226,7 @@ def test_filters_are_applied_before_ranking_at_any_selectivity(home: Path, where
     both = clustered(5030)
     vecs, queries = both[:5000], both[5000:]
     coll = make(home, vecs, "filt")
-    coll.build_index(config=SMALL)
+    derived.refresh(coll, config=SMALL)
     buckets = np.arange(5000) % 1000
     ct = np.arange(5000) % 3 == 0
     mask = {"bucket < 1": buckets < 1, "bucket < 10": buckets < 10, "bucket < 100": buckets < 100,
@@ -254,12 +255,12 @@ def test_compaction_moves_the_stamp_without_rewriting_the_index(home: Path) -> N
     for start in range(1000, 1200, 50):  # several small writes leave fragments to compact
         coll.add([{"id": f"v{i}", "kind": "image", "source": "v", "metadata": {}} for i in range(start, start + 50)],
                  vecs[start:start + 50])
-    coll.build_index()
-    path = coll.index_dir / faiss_index.INDEX_FILE
-    before, mtime = faiss_index.read_stamp(coll.index_dir), path.stat().st_mtime_ns
+    derived.refresh(coll)
+    path = coll.layout.faiss_dir / faiss_index.INDEX_FILE
+    before, mtime = faiss_index.read_stamp(coll.layout.faiss_dir), path.stat().st_mtime_ns
     coll.compact()
     assert coll.version > before.table_version
-    _, stamp = coll.index()
+    stamp = derived.refresh(coll)
     assert stamp.table_version == coll.version and stamp.checksum == before.checksum
     assert path.stat().st_mtime_ns == mtime
     assert search_vector(coll, vecs[1111], k=1).hits[0].id == "v1111"

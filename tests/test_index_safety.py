@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caselens.indexes import faiss_index
+from caselens.indexes import derived, faiss_index
 from caselens.indexes.collection import Collection, LedgerEntry
 from caselens.indexes.index_choice import ChoiceConfig
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.retrieval.search import search_vector
 
 IVF = ChoiceConfig(exact_below=500, n_queries=100, factories=("IVF16,SQ8",))
@@ -49,12 +49,13 @@ def _run_python(code: str, home: Path) -> subprocess.Popen:
 
 def test_sigkill_during_index_write_leaves_previous_index_usable(home: Path) -> None:
     coll, vecs = _collection(home)
-    before = coll.build_index(config=IVF)
+    before = derived.refresh(coll, config=IVF)
     marker = home / "writing"
     child = _run_python(f"""
         import os, time
         from pathlib import Path
         from caselens import files
+        from caselens.indexes import derived
         from caselens.indexes.collection import Collection
         real = os.fsync
         def slow(fd):
@@ -62,7 +63,7 @@ def test_sigkill_during_index_write_leaves_previous_index_usable(home: Path) -> 
             time.sleep(60)
             real(fd)
         files.os.fsync = slow  # caselens.files.atomic_write_bytes writes the index
-        Collection.open("safe", Path({str(home)!r})).build_index(rebuild=True)
+        derived.refresh(Collection.open("safe", Path({str(home)!r})), rebuild=True)
         """, home)
     deadline = time.time() + 60
     while not marker.exists() and child.poll() is None and time.time() < deadline:
@@ -70,20 +71,20 @@ def test_sigkill_during_index_write_leaves_previous_index_usable(home: Path) -> 
     assert marker.exists(), child.communicate()[0] if child.poll() is not None else "child never reached the write"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    assert list(coll.index_dir.glob(".*.tmp"))  # the killed writer's temporary file
-    index, stamp = faiss_index.load_index(coll.index_dir, coll.encoder["fingerprint"], cached=False)
+    assert list(coll.layout.faiss_dir.glob(".*.tmp"))  # the killed writer's temporary file
+    index, stamp = faiss_index.load_index(coll.layout.faiss_dir, coll.encoder["fingerprint"], cached=False)
     assert stamp.checksum == before.checksum and index.ntotal == 2000
     assert search_vector(coll, vecs[7], k=1).hits[0].id == "v7"
     coll.add([{"id": "late", "kind": "image", "source": "late", "metadata": {}}], _vectors(1, seed=3))
-    coll.build_index()  # the next writer clears the leftovers
-    assert not list(coll.index_dir.glob(".*.tmp"))
+    derived.refresh(coll)  # the next writer clears the leftovers
+    assert not list(coll.layout.faiss_dir.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("damage", ["bitflip", "truncate", "empty", "stamp"])
 def test_damaged_ivf_index_is_detected_and_rebuilt(home: Path, damage: str) -> None:
     coll, vecs = _collection(home)
-    coll.build_index(config=IVF)
-    path = coll.index_dir / faiss_index.INDEX_FILE
+    derived.refresh(coll, config=IVF)
+    path = coll.layout.faiss_dir / faiss_index.INDEX_FILE
     data = bytearray(path.read_bytes())
     if damage == "bitflip":
         data[len(data) // 3] ^= 0x10
@@ -93,26 +94,28 @@ def test_damaged_ivf_index_is_detected_and_rebuilt(home: Path, damage: str) -> N
     elif damage == "empty":
         path.write_bytes(b"")
     else:
-        (coll.index_dir / faiss_index.STAMP_FILE).write_text("{not json")
+        (coll.layout.faiss_dir / faiss_index.STAMP_FILE).write_text("{not json")
     with pytest.raises(faiss_index.IndexIntegrityError):
-        faiss_index.load_index(coll.index_dir, coll.encoder["fingerprint"], cached=False)
-    report = coll.verify(sample=200)
+        faiss_index.load_index(coll.layout.faiss_dir, coll.encoder["fingerprint"], cached=False)
+    report = derived.verify(coll, sample=200)
     assert not report.ok and report.index_problems
-    assert search_vector(coll, vecs[11], k=1).hits[0].id == "v11"  # rebuilt, not served damaged
-    index, stamp = faiss_index.load_index(coll.index_dir, coll.encoder["fingerprint"], cached=False)
+    assert search_vector(coll, vecs[11], k=1).hits[0].id == "v11"  # ranked exactly, not served damaged
+    derived.refresh(coll)  # a writer rebuilds it
+    index, stamp = faiss_index.load_index(coll.layout.faiss_dir, coll.encoder["fingerprint"], cached=False)
     assert index.ntotal == 2000
     # rebuilt with the settings stored in the stamp (a destroyed stamp leaves the defaults: exact)
     assert stamp.factory == ("Flat" if damage == "stamp" else "IVF16,SQ8")
-    assert coll.verify(sample=200).ok
+    assert derived.verify(coll, sample=200).ok
 
 
 def test_two_concurrent_writers_lose_nothing(home: Path) -> None:
     coll, vecs = _collection(home, n=600)
-    coll.build_index(config=IVF)
+    derived.refresh(coll, config=IVF)
     code = """
         import sys
         import numpy as np
         from pathlib import Path
+        from caselens.indexes import derived
         from caselens.indexes.collection import Collection
         tag = sys.argv[1] if len(sys.argv) > 1 else "{tag}"
         coll = Collection.open("safe", Path({home!r}))
@@ -122,7 +125,7 @@ def test_two_concurrent_writers_lose_nothing(home: Path) -> None:
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
             ids = [f"{{tag}}{{batch}}_{{i}}" for i in range(25)]
             coll.add([{{"id": i, "kind": "image", "source": i, "metadata": {{}}}} for i in ids], vecs)
-            coll.update_index()
+            derived.refresh(coll)
         print("done", tag)
         """
     writers = [_run_python(code.format(tag=tag, home=str(home)), home) for tag in ("a", "b")]
@@ -131,36 +134,38 @@ def test_two_concurrent_writers_lose_nothing(home: Path) -> None:
     rows = coll.rows(columns=["id", "_row"])
     ids, row_numbers = rows.column("id").to_pylist(), rows.column("_row").to_pylist()
     assert len(ids) == 600 + 200 and len(set(ids)) == 800 and len(set(row_numbers)) == 800
-    _, stamp = coll.index()
+    stamp = derived.refresh(coll)  # both writers refreshed after their commits: nothing left to add
     assert stamp.live == 800 and stamp.table_version == coll.version
-    index, _ = coll.index()
+    index, _ = derived.load_for_read(coll)
     assert set(faiss_index.index_ids(index).tolist()) == set(row_numbers)
 
 
 def test_verify_checks_ledger_table_and_index_and_repairs_by_rebuilding(home: Path) -> None:
     coll, vecs = _collection(home, n=800)
-    coll.build_index(config=IVF)
-    report = coll.verify()
+    derived.refresh(coll, config=IVF)
+    report = derived.verify(coll)
     assert report.ok and report.expected == 800 and report.self_checked == 800 and report.self_missed <= 40
     # the ledger says an item was accepted that the table lacks: reported, never "repaired" away
     coll.record("run2", [LedgerEntry("ghost.png", "accepted", "ghost")])
     # a row added behind the index's back, and the index file replaced by one of other rows
     coll.add([{"id": "extra", "kind": "image", "source": "x", "metadata": {}}], _vectors(1, seed=9))
     other, _ = faiss_index.build_index(vecs[:100], np.arange(100), "Flat")
-    stamp = faiss_index.read_stamp(coll.index_dir)
-    faiss_index.write_index(other, coll.index_dir, table_version=coll.version,
+    stamp = faiss_index.read_stamp(coll.layout.faiss_dir)
+    faiss_index.write_index(other, coll.layout.faiss_dir, table_version=coll.version,
                             encoder_fingerprint=stamp.encoder_fingerprint, factory="Flat")
-    report = coll.verify()
+    report = derived.verify(coll)
     assert not report.ok and report.missing == ["ghost"]
+    assert report.phantoms == ["extra"]  # stored without an accepted ledger row
     assert any("not in the index" in p for p in report.index_problems)
     count = coll.count()
-    report = coll.verify(repair=True)
+    report = derived.verify(coll, repair=True)
     assert report.repaired and not report.index_problems and report.missing == ["ghost"]
+    assert not report.phantoms and coll.ledger(item_ids=["extra"])[0]["reason_code"] == "recovered"
     assert coll.count() == count  # nothing dropped
     # deleting an item notes it in the ledger, so verify no longer expects it
-    coll.delete(["v3"])
-    report = coll.verify(sample=100)
-    assert report.expected == 800 and report.missing == ["ghost"] and not report.index_problems
+    derived.delete(coll, ["v3"])
+    report = derived.verify(coll, sample=100)
+    assert report.expected == 801 and report.missing == ["ghost"] and not report.index_problems  # 800 + ghost + extra - v3
 
 
 def test_cli_index_optimize_verify_and_info(home: Path, capsys: pytest.CaptureFixture) -> None:
@@ -169,7 +174,7 @@ def test_cli_index_optimize_verify_and_info(home: Path, capsys: pytest.CaptureFi
                  "--target-recall", "0.9"]) == 0
     out = capsys.readouterr().out
     assert "IVF16,Flat" in out and "recall@10" in out
-    assert main(["--home", str(home), "info", "safe"]) == 0
+    assert main(["--home", str(home), "info", "safe", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     idx = info["faiss_index"]
     assert idx["fresh"] and idx["factory"] == "IVF16,Flat" and idx["choice"]["recall"] >= 0.9
@@ -179,7 +184,7 @@ def test_cli_index_optimize_verify_and_info(home: Path, capsys: pytest.CaptureFi
     assert report["rebuilt"] is False and report["recall_before"] >= 0.9
     assert main(["--home", str(home), "verify", "safe", "--sample", "300"]) == 0
     assert "OK" in capsys.readouterr().out
-    (coll.index_dir / faiss_index.INDEX_FILE).write_bytes(b"garbage")
+    (coll.layout.faiss_dir / faiss_index.INDEX_FILE).write_bytes(b"garbage")
     assert main(["--home", str(home), "verify", "safe", "--sample", "300"]) == 1
     capsys.readouterr()
     assert main(["--home", str(home), "verify", "safe", "--repair", "--sample", "300", "--json"]) == 0

@@ -10,8 +10,10 @@ import pytest
 
 from caselens import files
 from caselens.errors import EncoderMismatchError, QueryError
-from caselens.indexes import faiss_index
+from caselens.indexes import derived, faiss_index
 from caselens.indexes.collection import Collection
+from caselens.indexes.join_cache import JoinCache
+from caselens.indexes.reader import reader_of
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource
 from caselens.ingest.encoders import load_encoder
@@ -92,37 +94,44 @@ def test_vector_search_matches_brute_force_with_filters(home: Path) -> None:
         search_vector(coll, np.ones(5), k=3)
 
 
-def test_stale_index_is_rebuilt_after_new_items(home: Path) -> None:
+def test_rows_committed_after_the_index_are_found_without_touching_it(home: Path) -> None:
     coll, vecs = _vector_collection(home)
-    index, stamp = coll.index()
+    stamp = derived.refresh(coll)
     assert stamp.ntotal == len(vecs) and stamp.table_version == coll.version
     extra = np.eye(8, dtype=np.float32)[:1]
     coll.add([{"id": "new", "kind": "image", "source": "new", "metadata": {}}], extra)
-    assert faiss_index.read_stamp(coll.index_dir).table_version < coll.version
+    coll.delete(["v5"])
     hits = search_vector(coll, extra[0], k=1).hits
-    assert hits[0].id == "new"
-    assert faiss_index.read_stamp(coll.index_dir).ntotal == len(vecs) + 1
+    assert hits[0].id == "new"  # ranked exactly beside the stamped index
+    assert "v5" not in [h.id for h in search_vector(coll, vecs[5], k=40).hits]  # deleted since: never ranks
+    assert faiss_index.read_stamp(coll.layout.faiss_dir) == stamp  # readers never write the index
+    after = derived.refresh(coll)  # the writer's job
+    assert after.table_version == coll.version and after.live == len(vecs)
+    assert search_vector(coll, extra[0], k=1).hits[0].id == "new"
 
 
-def test_damaged_index_is_detected_and_rebuilt(home: Path) -> None:
+def test_damaged_index_is_never_served_and_a_writer_rebuilds_it(home: Path) -> None:
     coll, vecs = _vector_collection(home)
-    coll.index()
-    path = coll.index_dir / faiss_index.INDEX_FILE
+    derived.refresh(coll)
+    path = coll.layout.faiss_dir / faiss_index.INDEX_FILE
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(faiss_index.IndexIntegrityError, match="checksum"):
-        faiss_index.load_index(coll.index_dir, coll.encoder["fingerprint"])
-    hits = search_vector(coll, vecs[5], k=1).hits  # rebuilds rather than serving garbage
-    assert hits[0].id == "v5"
+        faiss_index.load_index(coll.layout.faiss_dir, coll.encoder["fingerprint"])
+    hits = search_vector(coll, vecs[5], k=1).hits  # ranked exactly rather than from a damaged index
+    assert hits[0].id == "v5" and path.read_bytes() == bytes(data)
     path.write_bytes(path.read_bytes()[:100])  # truncated
     assert search_vector(coll, vecs[9], k=1).hits[0].id == "v9"
+    derived.refresh(coll)  # a writer rebuilds it
+    index, _ = faiss_index.load_index(coll.layout.faiss_dir, coll.encoder["fingerprint"], cached=False)
+    assert index.ntotal == len(vecs)
 
 
 def test_index_from_another_encoder_is_refused(home: Path) -> None:
     coll, vecs = _vector_collection(home)
-    coll.index()
-    stamp_path = coll.index_dir / faiss_index.STAMP_FILE
+    derived.refresh(coll)
+    stamp_path = coll.layout.faiss_dir / faiss_index.STAMP_FILE
     stamp = json.loads(stamp_path.read_text())
     stamp["encoder_fingerprint"] = "0" * 16
     stamp_path.write_text(json.dumps(stamp))
@@ -137,8 +146,8 @@ def test_collection_refuses_a_different_encoder_for_queries(cases: Collection) -
 
 def test_atomic_write_leaves_previous_index_when_interrupted(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     coll, vecs = _vector_collection(home)
-    coll.index()
-    before = (coll.index_dir / faiss_index.INDEX_FILE).read_bytes()
+    derived.refresh(coll)
+    before = (coll.layout.faiss_dir / faiss_index.INDEX_FILE).read_bytes()
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -146,9 +155,9 @@ def test_atomic_write_leaves_previous_index_when_interrupted(home: Path, monkeyp
     monkeypatch.setattr(files.os, "fsync", boom)  # the atomic writer of caselens.files
     coll.add([{"id": "x", "kind": "image", "source": "x", "metadata": {}}], vecs[:1])
     with pytest.raises(OSError):
-        coll.build_index()
-    assert (coll.index_dir / faiss_index.INDEX_FILE).read_bytes() == before
-    assert not list(coll.index_dir.glob("*.tmp"))
+        derived.refresh(coll)
+    assert (coll.layout.faiss_dir / faiss_index.INDEX_FILE).read_bytes() == before
+    assert not list(coll.layout.faiss_dir.glob("*.tmp"))
     monkeypatch.undo()
     assert search_vector(coll, vecs[0], k=2).candidates == len(vecs) + 1
 
@@ -191,7 +200,7 @@ def test_writes_by_another_process_are_seen_by_the_next_search(home: Path) -> No
     # as soon as the other process's writes returned: the addition is found, the deletion gone
     assert search_vector(coll, _unit(8, 0), k=1).hits[0].id == "new"
     assert "v3" not in [h.id for h in search_vector(coll, vecs[3], k=10).hits]
-    assert coll._latest_version() == Collection.open("vecs", home).version
+    assert reader_of(coll).snapshots.latest_version() == Collection.open("vecs", home).version
 
 
 def test_writes_through_another_handle_are_seen_within_the_same_instant(home: Path) -> None:
@@ -208,28 +217,99 @@ def test_writes_through_another_handle_are_seen_within_the_same_instant(home: Pa
 def test_version_probe_agrees_with_lancedb(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     coll, vecs = _vector_collection(home)
     other = Collection.open("vecs", home)
-    assert coll.version and coll._probe is not None  # the manifest layout is recognised: searches skip LanceDB
+    snapshots = reader_of(coll).snapshots
+    snapshots.current()
     writes = [lambda: other.add([{"id": "a", "kind": "image", "source": "a", "metadata": {"new_key": "x"}}],
                                 vecs[:1]),
               lambda: other.delete(["v1"]), lambda: other.compact()]
     for write in writes:
-        before = coll._latest_version()
+        before = snapshots.current().version
         with monkeypatch.context() as m:  # unchanged: answered from the file system alone
-            m.setattr(coll._table, "checkout_latest", lambda: pytest.fail("asked LanceDB"))
-            assert coll._latest_version() == before
+            m.setattr(Collection, "version", property(lambda self: pytest.fail("asked LanceDB")))
+            assert snapshots.latest_version() == before
         write()
-        assert coll._latest_version() == other.version > before
+        assert snapshots.latest_version() == other.version > before
+        assert snapshots.current().version == other.version
     monkeypatch.setenv("CASELENS_VERSION_PROBE", "0")
-    assert coll.version and coll._probe is None and coll._latest_version() == other.version
+    snapshots.invalidate()
+    assert snapshots.current().version == other.version
+    with monkeypatch.context() as m:  # probe off: every check asks LanceDB
+        m.setattr(Collection, "version", property(lambda self: 10_000))
+        assert snapshots.latest_version() == 10_000
 
 
 def test_join_cache_ignores_unknown_rows_and_fills_empty_columns(home: Path) -> None:
     coll, _ = _vector_collection(home)
-    rows = coll.rows_by_row_ids([3, -1, 10_000, 5, 3])
+    snapshot = reader_of(coll).snapshot()
+    rows = snapshot.row_dicts([3, -1, 10_000, 5, 3])
     assert sorted(rows) == [3, 5]
     assert rows[3]["id"] == "v3" and rows[3]["label"] is None and rows[3]["group"] == "g3"
     assert set(rows[3]) == {c for c in coll.columns() if c != "vector"}
-    assert coll.rows_by_row_ids(np.array([5])) == {5: rows[5]}
+    assert snapshot.row_dicts(np.array([5])) == {5: rows[5]}
+
+
+def test_snapshots_are_built_incrementally_and_match_a_fresh_read(home: Path) -> None:
+    coll, vecs = _vector_collection(home)
+    reader = reader_of(coll)
+    first = reader.snapshot()
+    coll.add([{"id": f"n{i}", "kind": "image", "source": "n", "metadata": {"group": "gn"}} for i in range(3)], vecs[:3])
+    coll.delete(["v0", "v7"])
+    coll.compact()
+    later = reader.snapshot()
+    assert later is not first and later.version > first.version
+    fresh = Collection.open("vecs", home)
+    expected = reader_of(fresh).snapshot()
+    assert list(later.rows) == list(expected.rows) and later.row_of("v0") is None and later.row_of("n2") is not None
+    assert later.row_dicts(later.rows.tolist()) == expected.row_dicts(expected.rows.tolist())
+    assert first.row_of("v0") == 0  # an older snapshot stays as it was
+
+
+def test_row_numbers_are_never_reused_after_deleting_the_last_rows(home: Path) -> None:
+    coll, vecs = _vector_collection(home, n=5)
+    derived.refresh(coll)
+    coll.delete(["v4", "v3"])
+    coll.add([{"id": "late", "kind": "image", "source": "late", "metadata": {}}], vecs[:1])
+    rows = coll.rows(columns=["id", "_row"]).to_pylist()
+    assert {r["id"]: r["_row"] for r in rows}["late"] == 5
+    # the stale index still holds rows 3 and 4 (deleted): the new row is not taken for either
+    assert search_vector(coll, vecs[0], k=5).hits[0].id in ("v0", "late")
+    assert {h.id for h in search_vector(coll, vecs[4], k=5).hits} == {"v0", "v1", "v2", "late"}
+
+
+def test_a_search_returns_while_another_process_holds_the_write_lock(home: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    coll, vecs = _vector_collection(home)
+    derived.refresh(coll)
+    marker = home / "locked"
+    code = textwrap.dedent(f"""
+        import time, numpy as np
+        from pathlib import Path
+        from caselens.indexes.collection import Collection
+        coll = Collection.open("vecs", {str(home)!r})
+        with coll.lock.hold():
+            coll.add([{{"id": "while-locked", "kind": "image", "source": "x", "metadata": {{}}}}],
+                     np.eye(8, dtype=np.float32)[1:2])
+            Path({str(marker)!r}).write_text("1")
+            time.sleep(60)
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert writer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with coll.lock.try_hold() as held:
+            assert not held  # the other process really holds it
+        start = time.monotonic()
+        hits = search_vector(coll, _unit(8, 1), k=1).hits
+        assert time.monotonic() - start < 10 and hits[0].id == "while-locked"  # committed before: seen
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_tombstones_are_excluded_whichever_list_is_passed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,21 +333,19 @@ def test_tombstones_are_excluded_whichever_list_is_passed(monkeypatch: pytest.Mo
 
 
 def test_join_reads_the_same_rows_from_buffers_arrow_and_lancedb(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from caselens.indexes import collection as collection_module
-
     coll, vecs = _vector_collection(home)
     extra = [{"id": "ü", "kind": "text", "source": "Grüße ✓ 𝄞", "text": "", "provenance": {"page": 2},
               "metadata": {"group": "ünï", "score": -0.5, "only_here": "x"}},
              {"id": "n", "kind": "image", "source": None, "metadata": {"group": None, "score": None}}]
     coll.add(extra, vecs[:2])
     wanted = [41, 0, 40, 39, 41, -3, 99]
-    from_buffers = coll.rows_by_row_ids(wanted)
-    assert coll._join_cache.readers is not None  # this table's types are all read from the buffers
-    monkeypatch.setattr(collection_module._JoinCache, "PYTHON_BELOW", 0)
-    assert coll.rows_by_row_ids(wanted) == from_buffers
+    snapshot = reader_of(coll).snapshot()
+    from_buffers = snapshot.row_dicts(wanted)
+    monkeypatch.setattr(JoinCache, "PYTHON_BELOW", 0)
+    assert snapshot.row_dicts(wanted) == from_buffers
     monkeypatch.setenv("CASELENS_JOIN_CACHE_BYTES", "0")
-    uncached = Collection.open("vecs", home)
-    assert uncached.rows_by_row_ids(wanted) == from_buffers and uncached.row_values(wanted) is None
+    uncached = reader_of(Collection.open("vecs", home)).snapshot()
+    assert uncached.data is None and uncached.row_dicts(wanted) == from_buffers
     assert from_buffers[40]["source"] == "Grüße ✓ 𝄞" and from_buffers[40]["text"] == ""
     assert from_buffers[40]["score"] == -0.5 and from_buffers[41]["score"] is None
     assert from_buffers[41]["source"] is None and from_buffers[39]["only_here"] is None
@@ -277,6 +355,7 @@ def test_join_reads_the_same_rows_from_buffers_arrow_and_lancedb(home: Path, mon
 def test_join_on_an_empty_collection_finds_nothing(home: Path) -> None:
     record = {"spec": "test:vectors", "dim": 8, "modalities": ["image"], "fingerprint": "f" * 16, "options": {}}
     coll = Collection.create("empty", record, home)
-    assert coll.rows_by_row_ids([0, 3]) == {}
-    names, values = coll.row_values([0, 3])
-    assert "id" in names and values == [None, None]
+    snapshot = reader_of(coll).snapshot()
+    assert snapshot.row_dicts([0, 3]) == {}
+    assert "id" in snapshot.names and snapshot.values([0, 3]) == [None, None]
+    assert search_vector(coll, np.ones(8) / np.sqrt(8), k=3).hits == []

@@ -18,6 +18,8 @@ from caselens.ingest.sources import ImageSource, TextCorpusSource, read_dicom
 from caselens.ingest.sources.image_folder import ImageSourceConfig
 from caselens.ingest.encoders import load_encoder
 
+KEY = bytes(range(32))  # a pseudonym key (collections make their own)
+
 QUIET = IngestConfig(progress=False)
 
 
@@ -90,13 +92,13 @@ def test_empty_folder_is_rejected_not_silent(home: Path, tmp_path: Path) -> None
 
 def test_missing_folder_and_manifest_raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="does not exist"):
-        ImageSource(tmp_path / "nope")
+        ImageSource(tmp_path / "nope", secret=KEY)
     with pytest.raises(SourceError, match="manifest .* does not exist"):
-        ImageSource(manifest=tmp_path / "nope.csv")
+        ImageSource(manifest=tmp_path / "nope.csv", secret=KEY)
     bad = tmp_path / "m.csv"
     bad.write_text("file,label\na.png,x\n")
     with pytest.raises(SourceError, match="no 'path' column"):
-        ImageSource(manifest=bad)
+        ImageSource(manifest=bad, secret=KEY)
 
 
 def test_metadata_type_clash_rejects_row_and_keeps_others(home: Path, image_folder: Path, tmp_path: Path) -> None:
@@ -207,11 +209,11 @@ def test_dicom_files_decode_with_metadata_and_rejections(home: Path, dicom_folde
 
 def test_dicom_window_and_compressed_twin_decode_alike(dicom_files: list[Path]) -> None:
     ct = next(f for f in dicom_files if f.name == "CT_small.dcm")
-    image, meta, prov = read_dicom(ct, b"k")
+    image, meta, prov = read_dicom(ct, KEY)
     assert image.mode == "L" and image.size == (128, 128)
     assert prov["window"] in ("file", "percentile")
-    raw = np.asarray(read_dicom(next(f for f in dicom_files if f.name == "MR_small.dcm"), b"k")[0], np.int16)
-    rle = np.asarray(read_dicom(next(f for f in dicom_files if f.name == "MR_small_RLE.dcm"), b"k")[0], np.int16)
+    raw = np.asarray(read_dicom(next(f for f in dicom_files if f.name == "MR_small.dcm"), KEY)[0], np.int16)
+    rle = np.asarray(read_dicom(next(f for f in dicom_files if f.name == "MR_small_RLE.dcm"), KEY)[0], np.int16)
     assert np.abs(raw - rle).max() == 0
 
 

@@ -23,6 +23,8 @@ from caselens.ingest.sources.text_folder import TextFolderConfig, TextFolderSour
 
 from test_pdf import write_text_pdf
 
+KEY = bytes(range(32))  # a pseudonym key (collections make their own)
+
 
 def _codes(source) -> list[str]:
     return [x.reason_code if isinstance(x, Rejection) else "item" for x in source]
@@ -116,14 +118,14 @@ def test_manifest_is_streamed_with_bounds(tmp_path: Path) -> None:
         Image.new("L", (8, 8), 40 * i).save(tmp_path / f"im{i}.png")
     lines = ["path,label,score", "im0.png,a,1.5", "im1.png," + "b" * 5000 + ",2", "im2.png,c,3"]
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
-    source = ImageSource(manifest=tmp_path / "manifest.csv", config=ImageSourceConfig(max_row_bytes=1000))
+    source = ImageSource(manifest=tmp_path / "manifest.csv", secret=KEY, config=ImageSourceConfig(max_row_bytes=1000))
     out = list(source)
     assert _codes(out) == ["item", "too_long", "item"]
     assert out[1].input == "manifest line 3" and out[2].metadata == {"label": "c", "score": 3.0}
-    capped = ImageSource(manifest=tmp_path / "manifest.csv", config=ImageSourceConfig(max_manifest_rows=1))
+    capped = ImageSource(manifest=tmp_path / "manifest.csv", secret=KEY, config=ImageSourceConfig(max_manifest_rows=1))
     assert _codes(capped) == ["item", "too_many_rows"] and capped.estimate() == 1
     # an image file over the byte bound is not decoded
-    small = ImageSource(tmp_path, config=ImageSourceConfig(max_file_bytes=10))
+    small = ImageSource(tmp_path, secret=KEY, config=ImageSourceConfig(max_file_bytes=10))
     assert set(_codes(small)) == {"too_large"}
 
 

@@ -22,9 +22,9 @@ from caselens.ingest.sources.dicom import DicomOptions, decode_frames
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 from caselens.ingest.sources.image_folder import ImageSource, ImageSourceConfig
 from caselens.ingest.encoders import load_encoder
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.retrieval.rag import AskConfig, ask
-from caselens.retrieval.rag.images import item_images
+from caselens.retrieval.images import item_images
 from caselens.retrieval.search import search, search_vector
 
 from test_rag_images import Seeing  # a generator that sees images and keeps its request
@@ -83,10 +83,12 @@ def test_dicom_path_canaries_never_leak_and_images_are_still_found(home: Path, t
     # the local map (never an index column) finds the image again for a vision-language generator
     assert set(read_paths(coll.root).values()) >= {"CANARY_Smith_John/MRN778899.dcm"}
     gen = Seeing()
-    ask([], "What does this CT show?", generator=gen, cases=coll, image=ct, config=OPEN)
+    # asked with the MR (the query itself is never a similar case), so the CT is the top case
+    ask([], "What does this show?", generator=gen, cases=coll, image=export / "CANARY_Doe_Jane" / "MRN112233.dcm",
+        config=OPEN)
     top = gen.request.items[0]
     assert top.source.startswith("path-") and top.image_path and Path(top.image_path).is_file()
-    expected = decode_frames(ct, b"", DicomOptions())[0][0]
+    expected = decode_frames(ct, coll.secret(), DicomOptions())[0][0]
     with Image.open(top.image_path) as im:
         assert np.array_equal(np.asarray(im), np.asarray(expected))
 
@@ -145,7 +147,7 @@ def test_a_collection_keeps_its_path_setting(home: Path, tmp_path: Path, capsys)
 
 
 def test_path_names_are_keyed_and_reasons_are_scrubbed(tmp_path: Path) -> None:
-    a, b = PathNamer("hashed", b"k1"), PathNamer("hashed", b"k2")
+    a, b = PathNamer("hashed", b"1" * 32), PathNamer("hashed", b"2" * 32)
     assert a.name("Smith_John/x.dcm") == a.name("Smith_John/x.dcm") != b.name("Smith_John/x.dcm")
     assert a.seen == {a.name("Smith_John/x.dcm"): "Smith_John/x.dcm"}
     path = tmp_path / "Smith_John" / "x.dcm"

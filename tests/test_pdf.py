@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from caselens.indexes import derived
 from caselens.indexes.collection import Collection
 from caselens.ingest.chunking import chunker_for
 from caselens.ingest.items import Item, Rejection
@@ -134,7 +135,7 @@ def test_corrupt_and_non_pdf_files_are_rejected_and_the_collection_is_intact(hom
     assert report.duplicates == first.accepted
     after = sorted(coll.rows(columns=["id"]).column("id").to_pylist())
     assert set(before) <= set(after)
-    index, stamp = coll.index()
+    index, stamp = derived.load_for_read(coll)  # refreshed by the ingest after its commit
     assert index.ntotal == coll.count() and stamp.table_version == coll.version
 
 
@@ -203,7 +204,7 @@ def test_real_guideline_pdf(home: Path, tmp_path: Path, minilm) -> None:
 
 
 def test_cli_ingests_pdfs_and_text_folders_and_keeps_the_chunking(home: Path, tmp_path: Path, capsys) -> None:
-    from caselens.retrieval.cli import main
+    from caselens.cli import main
 
     folder = tmp_path / "pdfs"
     folder.mkdir()

@@ -11,7 +11,7 @@ from caselens.errors import QueryError
 from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import TextCorpusSource
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.retrieval.eval.qa_eval import calibrate_threshold, evaluate_qa
 
 DOCS = [

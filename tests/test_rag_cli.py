@@ -10,7 +10,7 @@ import pytest
 from caselens.indexes.collection import Collection
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import TextCorpusSource
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.retrieval.rag import AskConfig, ask
 from caselens.retrieval.rag.answer import parse_choice
 from caselens.retrieval.rag.context import ContextItem
@@ -155,6 +155,8 @@ def test_deidentified_case_context_has_no_phi(home: Path, tmp_path: Path, kb: Co
     folder = tmp_path / "cases"
     folder.mkdir()
     ds.save_as(folder / "case.dcm")
+    ds.PatientID, ds.PatientName = "CANARY-0077", "Canary^Yolanda"  # another patient's CT: the similar case
+    ds.save_as(folder / "other.dcm")
     from caselens.ingest.sources import ImageSource
     from caselens.ingest.encoders import load_encoder
 
@@ -171,7 +173,8 @@ def test_deidentified_case_context_has_no_phi(home: Path, tmp_path: Path, kb: Co
     answer = ask(kb, "What does this CT show?", cases=cases, image=folder / "case.dcm",
                  generator=Spy("A CT [case:x]."), config=AskConfig(min_score=-1))
     assert answer.context[0]["kind"] == "case" and "Modality: CT" in seen["prompt"]
-    for canary in ("Zebedee", "CANARY-0042", "Canary General"):
+    assert len([c for c in answer.context if c["kind"] == "case"]) == 1  # never the query itself
+    for canary in ("Zebedee", "CANARY-0042", "Canary General", "Yolanda", "CANARY-0077"):
         assert canary not in seen["prompt"] and canary not in answer.to_json()
 
 
@@ -192,7 +195,7 @@ def test_cli_ingest_search_ask_eval_info_ledger(home: Path, image_folder: Path, 
     result = json.loads(out_json.read_text())
     assert result["n_queries"] == 12 and 0 <= result["overall"]["map@10"] <= 1
     assert "overall" in capsys.readouterr().out
-    assert main(h + ["info", "imgs"]) == 0
+    assert main(h + ["info", "imgs", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["items"] == 12 and info["encoder"]["spec"] == "classic" and info["faiss_index"]["fresh"]
     assert main(h + ["ledger", "imgs", "--json"]) == 0

@@ -16,17 +16,19 @@ import pytest
 from PIL import Image
 
 from caselens.indexes.collection import Collection
-from caselens.ingest.inputs import INPUTS_FILE, read_runs
+from caselens.ingest.inputs import read_runs
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource, PdfOptions, PdfSource
 from caselens.ingest.sources.dicom import DicomOptions, decode_frames, read_dicom
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 from caselens.ingest.encoders import load_encoder
 from caselens.retrieval.rag import AskConfig, ask, retrieve_context
-from caselens.retrieval.rag.images import cache_dir, item_images
+from caselens.retrieval.images import cache_dir, item_images
 from caselens.retrieval.search import search
 
 from conftest import make_images
+
+KEY = bytes(range(32))  # a pseudonym key (collections make their own)
 
 QUIET = IngestConfig(progress=False)
 OPEN = AskConfig(min_score=-1.0, require_citations=False)  # no knowledge passages: the generator still runs
@@ -82,7 +84,7 @@ def test_case_images_of_a_relative_image_folder_reach_the_generator(home: Path, 
     for item in seen:
         assert item.image_path and Path(item.image_path).is_file()
         assert np.array_equal(pixels(item.image_path), pixels(folder / item.source))
-    assert seen[0].source == "blob_1.png"
+    assert "blob_1.png" not in [it.source for it in seen]  # the query itself is never a similar case
     # the answer says an image was shown, without the local path
     assert all(c["image"] is True and "image_path" not in c for c in answer.context)
     assert str(tmp_path) not in answer.to_json()
@@ -103,7 +105,7 @@ def test_changed_or_missing_file_gives_no_image(home: Path, tmp_path: Path, clas
     (folder / "blob_0.png").unlink()  # moved away after ingest
     hits = search(cases, image=folder / "blob_1.png", k=4).hits
     by_source = {h.source: h for h in hits}
-    with caplog.at_level(logging.DEBUG, logger="caselens.retrieval.rag.images"):
+    with caplog.at_level(logging.DEBUG, logger="caselens.retrieval.images"):
         paths = dict(zip([h.source for h in hits], item_images(cases, hits)))
     assert paths["stripes_1.png"] is None and paths["blob_0.png"] is None
     assert paths["blob_1.png"] == str(folder / "blob_1.png") and paths["stripes_0.png"] == str(folder / "stripes_0.png")
@@ -138,14 +140,16 @@ def test_dicom_cases_resolve_to_cached_pngs(home: Path, tmp_path: Path, classic)
     assert read_runs(export_cases.root)[next(iter(read_runs(export_cases.root)))]["root"] == str(export.parent)
     for cases, window in ((folder_cases, "percentile"), (export_cases, "auto")):
         gen = Seeing()
-        ask([], "What does this CT show?", generator=gen, cases=cases, image=ct, config=OPEN)
+        # asked with the MR: the query itself is never a similar case, so the CT is the top case
+        ask([], "What does this show?", generator=gen, cases=cases, image=export / "MR_small.dcm", config=OPEN)
         top = gen.request.items[0]
         # a PACS export stores keyed hashes of its paths by default; the image is found all the same
         named = top.source.endswith("CT_small.dcm") if cases is folder_cases else top.source.startswith("path-")
         assert top.kind == "case" and named
+        assert not any(it.source.endswith("MR_small.dcm") for it in gen.request.items)
         cached = Path(top.image_path)
         assert cached.parent == cache_dir(cases) and cached.suffix == ".png"
-        expected = read_dicom(ct, b"", DicomOptions(window=window))[0]  # the collection's own window
+        expected = read_dicom(ct, KEY, DicomOptions(window=window))[0]  # the collection's own window
         assert np.array_equal(pixels(cached), np.asarray(expected))
     # reused next time, without the export
     shutil.rmtree(tmp_path / "export")
@@ -161,13 +165,13 @@ def test_dicom_series_item_shows_a_sampled_slice(home: Path, tmp_path: Path, cla
     source = DicomSource(export, coll.secret(), DicomSourceConfig(unit="series", slices=3))
     assert ingest(source, coll, classic, QUIET).accepted == 1
     query = tmp_path / "slice.png"
-    decode_frames(export / "dose.dcm", b"", DicomOptions(), "middle")[0][0].save(query)
+    decode_frames(export / "dose.dcm", KEY, DicomOptions(), "middle")[0][0].save(query)
     hit = search(coll, image=query, k=1).hits[0]
     assert hit.provenance["unit"] == "series" and len(hit.provenance["chosen"][0]["frames"]) == 3
     path = item_images(coll, [hit])[0]
     assert path and Path(path).parent == cache_dir(coll)
     frames = hit.provenance["chosen"][0]["frames"]
-    images, _, _ = decode_frames(export / "dose.dcm", b"", DicomOptions(), [frames[len(frames) // 2]])
+    images, _, _ = decode_frames(export / "dose.dcm", KEY, DicomOptions(), [frames[len(frames) // 2]])
     assert np.array_equal(pixels(path), np.asarray(images[0]))
     # a member file changed: the series id no longer matches, no image
     shutil.rmtree(cache_dir(coll))
@@ -231,5 +235,5 @@ def test_openai_endpoint_receives_the_case_image_as_a_data_url(home: Path, tmp_p
     assert len(urls) == 1 and urls[0].startswith("data:image/png;base64,")
     assert f"Image of [{answer.context[0]['key']}]:" in labels
     sent = Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1])))
-    assert np.array_equal(np.asarray(sent), pixels(folder / "stripes_1.png"))
+    assert np.array_equal(np.asarray(sent), pixels(folder / answer.context[0]["source"]))  # the top similar case
     assert str(tmp_path) not in json.dumps(seen[0])  # the endpoint gets pixels, not local paths

@@ -13,7 +13,7 @@ from caselens.indexes.collection import Collection
 from caselens.ingest.chunking import chunker_for
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import TextCorpusSource
-from caselens.retrieval.cli import main
+from caselens.cli import main
 from caselens.retrieval.eval.text_eval import doc_ids_by_row, evaluate_text, score_ranking
 
 QUIET = IngestConfig(progress=False)

@@ -17,9 +17,11 @@ from caselens.ingest.items import Rejection
 from caselens.ingest.sources.image_folder import ImageSource
 from caselens.ingest.sources.pdf import PdfOptions, PdfSource
 from caselens.ingest.sources.text_folder import TextFolderSource
-from caselens.retrieval.cli import main
+from caselens.cli import main
 
 from test_pdf import write_text_pdf
+
+KEY = bytes(range(32))  # a pseudonym key (collections make their own)
 
 
 def _dicom(name: str) -> Path:
@@ -54,12 +56,12 @@ def test_manifest_path_naming_a_folder_has_its_own_reason(tmp_path: Path) -> Non
     Image.new("L", (8, 8), 9).save(tmp_path / "a.png")
     (tmp_path / "sub").mkdir()
     (tmp_path / "manifest.csv").write_text("path,label\na.png,x\nsub,y\nmissing.png,z\n")
-    out = list(ImageSource(manifest=tmp_path / "manifest.csv"))
+    out = list(ImageSource(manifest=tmp_path / "manifest.csv", secret=KEY))
     codes = {x.input: x.reason_code for x in out if isinstance(x, Rejection)}
     assert codes == {"sub": "is_a_folder", "missing.png": "missing_file"}
     assert "folder" in next(x for x in out if getattr(x, "input", "") == "sub").reason
     with pytest.raises(SourceError, match="is a folder"):
-        ImageSource(manifest=tmp_path / "sub")
+        ImageSource(manifest=tmp_path / "sub", secret=KEY)
 
 
 def test_symlinks_get_a_rejection_row_in_every_folder_source(home: Path, tmp_path: Path) -> None:
@@ -74,10 +76,10 @@ def test_symlinks_get_a_rejection_row_in_every_folder_source(home: Path, tmp_pat
     Image.new("L", (8, 8), 50).save(images / "in.png")
     os.symlink(outside, images / "linked_folder")
     os.symlink(outside / "o.png", images / "linked.png")
-    codes = {x.input: getattr(x, "reason_code", "item") for x in ImageSource(images)}
+    codes = {x.input: getattr(x, "reason_code", "item") for x in ImageSource(images, secret=KEY)}
     assert codes == {"in.png": "item", "linked_folder": "symlink", "linked.png": "symlink"}
     (images / "manifest.csv").write_text("path\nin.png\nlinked.png\n")
-    codes = {x.input: getattr(x, "reason_code", "item") for x in ImageSource(manifest=images / "manifest.csv")}
+    codes = {x.input: getattr(x, "reason_code", "item") for x in ImageSource(manifest=images / "manifest.csv", secret=KEY)}
     assert codes == {"in.png": "item", "linked.png": "symlink"}
     # text folders and PDF folders
     texts = tmp_path / "texts"

@@ -18,7 +18,7 @@ from caselens.errors import CaselensError
 from caselens.ingest.items import Item, Rejection
 
 _DIR = Path(tempfile.mkdtemp(prefix="caselens-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-SECRET = b"fuzz-secret"
+SECRET = b"fuzz-secret-of-32-bytes-for-keys"
 
 
 def _write(name: str, data: bytes) -> Path:

@@ -75,6 +75,22 @@ def best_device() -> str:
         return "cpu"
 
 
+def physical_cores() -> int:
+    """Physical CPU cores this process may run on (hyper-threads counted once): the thread count
+    for compute-bound ONNX Runtime and FAISS work, where a second thread per core only contends."""
+    import os
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    for cpu in allowed:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("", str(cpu)))
+    return max(1, len(cores))
+
+
 class Encoder(ABC):
     """Turns images and/or texts into L2-normalised float32 vectors.
 

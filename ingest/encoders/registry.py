@@ -88,4 +88,4 @@ def load_from_record(record: dict[str, Any]) -> Encoder:
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators once.
-    from caselens.ingest.encoders import classic, model_files, open_clip_encoder, text  # noqa: F401
+    from caselens.ingest.encoders import classic, composite, model_files, onnx_text, open_clip_encoder, text  # noqa: F401

@@ -1,4 +1,7 @@
-"""Text encoders from sentence-transformers; the packaged all-MiniLM-L6-v2 is the offline default."""
+"""Text encoders from sentence-transformers (PyTorch); the packaged all-MiniLM-L6-v2 runs offline.
+
+The default text encoder, :data:`DEFAULT_TEXT_ENCODER`, is the same model run by ONNX Runtime
+(:mod:`caselens.ingest.encoders.onnx_text`)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ from caselens.ingest.encoders.base import (Encoder, EncoderInfo, best_device, fi
                                               quiet_transformers, take_options, torch_weights_sha256)
 from caselens.ingest.encoders.registry import register
 
-DEFAULT_TEXT_ENCODER = "sentence-transformers:all-MiniLM-L6-v2"
+# The text encoder of new collections: the packaged MiniLM run by ONNX Runtime with int8 weights
+# (``caselens.ingest.encoders.onnx_text``): ~3x the PyTorch encoder's chunks/s on a CPU with the
+# same MIRAGE dev recall@10 (benchmarks/results/text_encoder_variants.json, text_encoders.json).
+# Existing collections keep the encoder stored with them (``sentence-transformers:...`` included).
+DEFAULT_TEXT_ENCODER = "onnx-text:all-MiniLM-L6-v2@int8"
 _PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
@@ -84,7 +91,7 @@ class SentenceTransformerEncoder(Encoder):
         return len(self.model.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
 
-@register("sentence-transformers", "sentence-transformers text model: packaged all-MiniLM-L6-v2 (default), a folder or a hub name")
+@register("sentence-transformers", "sentence-transformers text model (PyTorch): packaged all-MiniLM-L6-v2, a folder or a hub name")
 def _load_st(target: str, options: dict[str, Any]) -> Encoder:
     opts = take_options("sentence-transformers", options, {
         "batch_size": (int, 32), "query_prefix": (str, ""), "document_prefix": (str, ""), "device": (str, None)})

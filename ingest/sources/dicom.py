@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from caselens.errors import ConfigError
 from caselens.ingest.deid import PROFILE_NAME, kept_metadata
 
 MAX_DECODED_BYTES = 1 << 30  # refuse files whose pixel data would decode to more than 1 GiB
@@ -82,10 +83,10 @@ class DicomOptions:
 
     def __post_init__(self) -> None:
         if self.window not in WINDOW_CHOICES:
-            raise ValueError(f"window {self.window!r} is not known; choose one of {', '.join(WINDOW_CHOICES)}")
+            raise ConfigError(f"window {self.window!r} is not known; choose one of {', '.join(WINDOW_CHOICES)}")
         lo, hi = self.percentile
         if not 0 <= lo < hi <= 100:
-            raise ValueError(f"percentile window {self.percentile} must satisfy 0 <= low < high <= 100")
+            raise ConfigError(f"percentile window {self.percentile} must satisfy 0 <= low < high <= 100")
 
 
 def is_dicom(path: Path) -> bool:

@@ -21,16 +21,18 @@ the ones already stored.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import multiprocessing
 import os
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from caselens.errors import SourceError
+from caselens.errors import ConfigError, SourceError
+from caselens.ingest.deid import check_key
 from caselens.ingest.dicom_scan import (InstanceHeader, common_base, header_of, is_nifti, order_slices, walk_inputs,
                                         walk_many)
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
@@ -56,18 +58,18 @@ class DicomSourceConfig:
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
-            raise ValueError(f"unit {self.unit!r} is not known; choose one of {', '.join(UNITS)}")
+            raise ConfigError(f"unit {self.unit!r} is not known; choose one of {', '.join(UNITS)}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
+            raise ConfigError(f"pooling {self.pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
         if self.slices < 1:
-            raise ValueError(f"slices must be at least 1, not {self.slices}")
+            raise ConfigError(f"slices must be at least 1, not {self.slices}")
         if self.workers < 0:
-            raise ValueError(f"workers must be 0 or more, not {self.workers}")
+            raise ConfigError(f"workers must be 0 or more, not {self.workers}")
         if self.prefetch < 1 or self.prefetch_bytes < 0:
-            raise ValueError(f"prefetch must be at least 1 and prefetch_bytes 0 or more, not "
+            raise ConfigError(f"prefetch must be at least 1 and prefetch_bytes 0 or more, not "
                              f"{self.prefetch} and {self.prefetch_bytes}")
         if self.max_files < 1:
-            raise ValueError(f"max_files must be at least 1, not {self.max_files}")
+            raise ConfigError(f"max_files must be at least 1, not {self.max_files}")
         check_mode(self.source_paths)
 
 
@@ -237,14 +239,14 @@ class DicomSource:
     kind = "image"
     pseudonymised_patients = True  # DICOM headers name patients: their ids are pseudonymised
 
-    def __init__(self, root: Path | Sequence[Path], secret: bytes = b"", config: DicomSourceConfig | None = None,
+    def __init__(self, root: Path | Sequence[Path], secret: bytes, config: DicomSourceConfig | None = None,
                  files: list[Path] | None = None):
         roots = [Path(p).expanduser() for p in root] if isinstance(root, (list, tuple)) else [Path(root).expanduser()]
         if not roots:
             raise SourceError("give a DICOM folder, DICOMDIR or files")
         self.roots = roots
         self.root = roots[0] if len(roots) == 1 else common_base(roots)
-        self.secret = secret
+        self.secret = check_key(secret)  # the collection's key: every pseudonym is keyed by it
         self.config = config or DicomSourceConfig()
         self.files = files
         self._inputs: list[tuple[Path, str] | Rejection] | None = None
@@ -263,9 +265,11 @@ class DicomSource:
 
     @paths.setter
     def paths(self, namer: PathNamer) -> None:
+        old = getattr(self, "_paths", None)
         self._paths = namer
-        self._inputs = None
-        self._where = {}
+        if old is None or old.mode != namer.mode or (old.secret and old.secret != namer.secret):
+            self._inputs = None  # named otherwise now: walked and named again
+            self._where = {}
 
     @property
     def base(self) -> Path:
@@ -283,7 +287,8 @@ class DicomSource:
 
         cfg = self.config
         inputs = self.inputs()  # names every file: a hashed collection's map is complete before the run
-        return {"kind": "dicom", "root": str(self.base), "unit": cfg.unit, "slices": cfg.slices,
+        several = {"roots": [str(r.resolve()) for r in self.roots]} if len(self.roots) > 1 else {}
+        return {"kind": "dicom", "root": str(self.base), **several, "unit": cfg.unit, "slices": cfg.slices,
                 "pooling": cfg.pooling, "dicom": asdict(cfg.options), "files": len(inputs), **self.paths.record()}
 
     def inputs(self) -> list[tuple[Path, str] | Rejection]:
@@ -377,20 +382,14 @@ class DicomSource:
     def _unit_id(self, digests: list[str], unit: str) -> str:
         return unit_id(digests, unit, self.config.slices, self.config.pooling, self.config.options.window)
 
-    def _volume_items(self, files: list[tuple[Path, str]], window: int) -> Iterator[Item | Rejection]:
+    def read_headers(self, files: list[tuple[Path, str]]) -> list[InstanceHeader | Rejection]:
+        """The de-identified headers of ``files`` (path, relative name), or why each cannot be read."""
+        return [header_of(path, rel, self.secret, self.config.options) for path, rel in files]
+
+    def unit_plans(self, headers: list[InstanceHeader]) -> list[tuple]:
+        """Series or study units of ``headers``, in order of first appearance: for each, its key,
+        its series (ordered instances) and the slices to decode ``(header, frames, series index)``."""
         cfg = self.config
-        headers: list[InstanceHeader] = []
-        nifti: list[tuple[Path, str]] = []
-        for path, rel in files:
-            if is_nifti(path):
-                nifti.append((path, rel))
-                continue
-            found = header_of(path, rel, self.secret, cfg.options)
-            if isinstance(found, Rejection):
-                yield found
-            else:
-                headers.append(found)
-        # group: series -> ordered instances; study -> its series
         series: OrderedDict[tuple[str, str, str], list[InstanceHeader]] = OrderedDict()
         for h in headers:
             series.setdefault((h.patient, h.study, h.series), []).append(h)
@@ -408,6 +407,18 @@ class DicomSource:
                 else:
                     picks.extend((members[i], "middle", g) for i in sample_indices(len(members), cfg.slices))
             plans.append((key, groups, picks))
+        return plans
+
+    def _volume_items(self, files: list[tuple[Path, str]], window: int) -> Iterator[Item | Rejection]:
+        cfg = self.config
+        headers: list[InstanceHeader] = []
+        nifti = [(path, rel) for path, rel in files if is_nifti(path)]
+        for found in self.read_headers([(path, rel) for path, rel in files if not is_nifti(path)]):
+            if isinstance(found, Rejection):
+                yield found
+            else:
+                headers.append(found)
+        plans = self.unit_plans(headers)
         tasks = ((str(h.path), h.rel, self.secret, cfg.options, frames)
                  for _, _, picks in plans for h, frames, _ in picks)
         results = ordered_map(_slices_task, tasks, cfg.workers, window, cfg.worker_memory_bytes, cfg.prefetch_bytes)
@@ -415,6 +426,69 @@ class DicomSource:
             decoded = [(pick, next(results)) for pick in picks]
             yield from self._assemble(key, groups, decoded)
         yield from self._nifti_items(nifti, cfg.slices)
+
+    # ------------------------------------------------------------ parts (distributed ingest)
+    def parts(self, size: int, headers: list[InstanceHeader | Rejection] | None = None) -> list[dict[str, Any]]:
+        """The inputs in the order :meth:`__iter__` reads them, in groups of about ``size`` files
+        (series and study units: ``size // slices`` units), for readers elsewhere
+        (:meth:`read_part`). Series and study units need the headers of the DICOM files
+        (:meth:`read_headers` of :meth:`dicom_files`, in order); read here when not given."""
+        inputs = self.inputs()
+        if not inputs:
+            return [{"rejects": [(".", "empty_source", "folder holds no files; nothing to ingest")]}]
+        size = max(1, size)
+        rejected = [(r.input, r.reason_code, r.reason) for r in inputs if isinstance(r, Rejection)]
+        parts: list[dict[str, Any]] = [{"rejects": rejected}] if rejected else []
+        files = [e for e in inputs if not isinstance(e, Rejection)]
+        nifti = [(str(p), r) for p, r in files if is_nifti(p)]
+        if self.config.unit == "instance":
+            dicom = [(str(p), r) for p, r in files if not is_nifti(p)]
+            parts += [{"instances": dicom[i:i + size]} for i in range(0, len(dicom), size)]
+            parts += [{"nifti": nifti[i:i + size], "slices": 1} for i in range(0, len(nifti), size)]
+            return parts
+        if headers is None:
+            headers = self.read_headers(self.dicom_files())
+        bad = [(h.input, h.reason_code, h.reason) for h in headers if isinstance(h, Rejection)]
+        if bad:
+            parts.append({"rejects": bad})
+        plans = self.unit_plans([h for h in headers if not isinstance(h, Rejection)])
+        per = max(1, size // self.config.slices)
+        parts += [{"units": plans[i:i + per]} for i in range(0, len(plans), per)]
+        parts += [{"nifti": nifti[i:i + per], "slices": self.config.slices} for i in range(0, len(nifti), per)]
+        return parts
+
+    def dicom_files(self) -> list[tuple[Path, str]]:
+        """The DICOM files among the inputs (not NIfTI, not rejected), in order."""
+        return [e for e in self.inputs() if not isinstance(e, Rejection) and not is_nifti(e[0])]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items and rejections of one group of :meth:`parts`, in order (decoded in this process),
+        named as :meth:`__iter__` names them."""
+        for entry in self._read_part(part):
+            yield self._clean(entry)
+
+    def _read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        opts = self.config.options
+        for rejection in part.get("rejects", ()):
+            yield Rejection(*rejection)
+        for path, rel in part.get("instances", ()):
+            yield _instance_task(path, rel, self.secret, opts)
+        for key, groups, picks in part.get("units", ()):
+            decoded = [(pick, _slices_task(str(pick[0].path), pick[0].rel, self.secret, opts, pick[1]))
+                       for pick in picks]
+            yield from self._assemble(key, groups, decoded)
+        if part.get("nifti"):
+            yield from self._nifti_items([(Path(p), r) for p, r in part["nifti"]], part["slices"])
+
+    def part_reader(self) -> "DicomSource":
+        """A copy that reads parts in its own process: no decoding workers, no input list and no
+        secret (set ``secret`` on it where it runs; its path naming takes the key then). It keeps
+        the stored name -> file map, to clean paths out of rejection reasons as here."""
+        reader = copy.copy(self)
+        reader.config = replace(self.config, workers=0)
+        reader.secret, reader.files, reader._inputs = b"", None, []
+        reader._paths, reader._where = self.paths.without_secret(), dict(self._where)
+        return reader
 
     def _assemble(self, key: tuple, groups: list[list[InstanceHeader]],
                   decoded: list[tuple[tuple[InstanceHeader, Any, int], Any]]) -> Iterator[Item | Rejection]:

@@ -12,6 +12,7 @@ memory; its bounds and the image file size bound are in :class:`ImageSourceConfi
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from caselens.errors import SourceError
-from caselens.ingest.deid import pseudonym
+from caselens.errors import ConfigError, SourceError
+from caselens.ingest.deid import check_key, pseudonym
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
 from caselens.ingest.source_paths import PathNamer, check_mode
 from caselens.ingest.sources.bounded import Record, csv_records
@@ -43,7 +44,7 @@ class ImageSourceConfig:
     def __post_init__(self) -> None:
         for name in ("max_manifest_rows", "max_row_bytes", "max_file_bytes"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         check_mode(self.source_paths)
 
 
@@ -60,9 +61,10 @@ class ImageSource:
 
     kind = "image"
 
-    def __init__(self, root: Path | None = None, manifest: Path | None = None, secret: bytes = b"",
+    def __init__(self, root: Path | None = None, manifest: Path | None = None, *, secret: bytes,
                  label_from_folder: bool = False, files: list[Path] | None = None,
-                 dicom_options: DicomOptions | None = None, config: ImageSourceConfig | None = None):
+                 dicom_options: DicomOptions | None = None, label_column: str = "label",
+                 text_column: str | None = None, config: ImageSourceConfig | None = None):
         self.dicom_options = dicom_options  # how DICOM files are read (window, burned-in policy...)
         self.config = config or ImageSourceConfig()
         self.paths = PathNamer()  # how files are named in the collection; set for it by the runner
@@ -74,8 +76,11 @@ class ImageSource:
             self.root = Path(manifest).expanduser().resolve().parent
         else:
             self.root = Path.cwd()
-        self.secret = secret
+        self.secret = check_key(secret)  # the collection's key: every pseudonym is keyed by it
         self.label_from_folder = label_from_folder
+        self.label_column = label_column  # the manifest column holding each image's label
+        self.text_column = text_column  # the manifest column holding each case's report / notes (item text)
+        self.notes: list[str] = []  # what the user should know about how the manifest was read
         self.files = files
         self.manifest: Path | None = None
         self.columns: list[str] = []
@@ -92,6 +97,7 @@ class ImageSource:
                 raise SourceError(f"manifest {manifest} does not exist")
             self.manifest = manifest
             self.manifest_dir = manifest.resolve().parent
+            self.manifest_name = manifest.name
             self._type_columns()
 
     @property
@@ -120,10 +126,21 @@ class ImageSource:
         if twice:
             raise SourceError(f"manifest {self.manifest} names column(s) {twice} more than once; give each "
                               "column one name")
-        if "path" not in self.columns:
-            raise SourceError(f"manifest {self.manifest} has no 'path' column (columns: {self.columns}); "
+        columns = self.columns
+        if "path" not in columns:
+            raise SourceError(f"manifest {self.manifest} has no 'path' column (columns: {columns}); "
                               "add one with each image's path relative to the manifest")
-        candidates = {i: c for i, c in enumerate(self.columns) if c not in ("path", "label", "patient_id")}
+        if self.text_column is not None and self.text_column not in columns:
+            raise SourceError(f"manifest {self.manifest} has no column {self.text_column!r} for case texts "
+                              f"(columns: {', '.join(columns)}); name it with --text-column")
+        if self.label_column != "label" and self.label_column not in columns:
+            raise SourceError(f"manifest {self.manifest} has no column {self.label_column!r} for labels "
+                              f"(columns: {', '.join(columns)}); name the label column with --label-column")
+        if self.label_column == "label" and "label" not in columns:
+            self.notes.append(f"manifest {self.manifest.name} has no 'label' column: items have no labels (name "
+                              f"the label column with --label-column; columns: {', '.join(columns)})")
+        untyped = ("path", "label", "patient_id", self.label_column, self.text_column)
+        candidates = {i: c for i, c in enumerate(columns) if c not in untyped}
         numeric, seen = set(candidates), set()
         for rec in records:
             if self.n_rows >= self.config.max_manifest_rows:
@@ -150,7 +167,11 @@ class ImageSource:
             for rel in self._planned_names():
                 self.paths.name(rel)
         return {"kind": "images", "root": str(Path(base).resolve()),
-                "dicom": asdict(self.dicom_options or DicomOptions()), **self.paths.record()}
+                "dicom": asdict(self.dicom_options or DicomOptions()),
+                # how to read the same input again (``verify --repair --reingest``)
+                "manifest": getattr(self, "manifest_name", None), "label_column": self.label_column,
+                "text_column": self.text_column, "label_from_folder": self.label_from_folder,
+                "files": self.files is not None, **self.paths.record()}
 
     def _planned_names(self) -> Iterator[str]:
         if self.manifest is not None:
@@ -189,18 +210,21 @@ class ImageSource:
     def _row_dict(self, rec: Record) -> dict[str, str]:
         return dict(zip(self.columns, rec.fields or []))
 
-    def __iter__(self) -> Iterator[Item | Rejection]:
+    def _inputs(self) -> Iterator[tuple]:
+        """The inputs in order, streamed: ``("row", line, row)`` of a manifest, ``("file", path,
+        label)`` of a folder or file list, ``("reject", input, code, reason)`` for what cannot be
+        read (a manifest line over its bounds, a symlink met by the walk, an empty source)."""
         if self.manifest is not None:
             any_row = False
             for rec in self._rows():
                 any_row = True
                 if rec.fields is None:
                     ref = f"manifest line {rec.line}" + ("-" if rec.code == "too_many_rows" else "")
-                    yield Rejection(ref, rec.code, rec.reason)
+                    yield ("reject", ref, rec.code, rec.reason)
                     continue
-                yield self._from_row(rec.line, self._row_dict(rec))
+                yield ("row", rec.line, self._row_dict(rec))
             if not any_row:
-                yield Rejection("manifest", "empty_source", "manifest lists no images")
+                yield ("reject", "manifest", "empty_source", "manifest lists no images")
             return
         if self.files is not None:
             entries: Iterator[tuple[Path, str] | Rejection] = ((Path(p), self._rel(Path(p))) for p in self.files)
@@ -210,15 +234,49 @@ class ImageSource:
         for entry in entries:
             empty = False
             if isinstance(entry, Rejection):
-                yield Rejection(self.paths.name(entry.input), entry.reason_code, entry.reason)
+                yield ("reject", entry.input, entry.reason_code, entry.reason)
                 continue
             path, _ = entry
-            label = None
-            if self.label_from_folder and path.parent != self.root:
-                label = path.parent.name
-            yield self.read(path, {"label": label} if label else {})
+            label = path.parent.name if self.label_from_folder and path.parent != self.root else None
+            yield ("file", str(path), label)
         if empty:
-            yield Rejection(".", "empty_source", "folder holds no files; nothing to ingest")
+            yield ("reject", ".", "empty_source", "folder holds no files; nothing to ingest")
+
+    def _read_input(self, entry: tuple) -> Item | Rejection:
+        if entry[0] == "row":
+            return self._from_row(entry[1], entry[2])
+        if entry[0] == "file":
+            return self.read(Path(entry[1]), {"label": entry[2]} if entry[2] else {})
+        _, name, code, reason = entry
+        if code not in ("empty_source",) and not name.startswith("manifest line"):
+            name = self.paths.name(name)  # a file met by the walk: named as the collection names files
+        return Rejection(name, code, reason)
+
+    def __iter__(self) -> Iterator[Item | Rejection]:
+        for entry in self._inputs():  # streamed: a manifest is never held in memory
+            yield self._read_input(entry)
+
+    # A distributed ingest lists the inputs once (``parts``, on the driver) and reads the parts
+    # elsewhere (``read_part`` on a light copy from ``part_reader``, given the secret there).
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The inputs in order (see :meth:`_inputs`), in groups of ``size`` (0: one group):
+        ``{"inputs": [...]}``."""
+        inputs = list(self._inputs())
+        if not size:
+            return [{"inputs": inputs}]
+        return [{"inputs": inputs[i:i + size]} for i in range(0, len(inputs), size)]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items and rejections of one group of :meth:`parts`, in order."""
+        for entry in part.get("inputs", ()):
+            yield self._read_input(entry)
+
+    def part_reader(self) -> "ImageSource":
+        """A copy that reads parts: without the file list and without the secret (set ``secret``
+        on it where it runs; its path naming takes the key then, see :meth:`PathNamer.keyed`)."""
+        reader = copy.copy(self)
+        reader.files, reader.secret, reader.paths = None, b"", self.paths.without_secret()
+        return reader
 
     def _from_row(self, line: int, row: dict[str, str]) -> Item | Rejection:
         rel = (row.get("path") or "").strip()
@@ -253,7 +311,13 @@ class ImageSource:
             if not value:
                 continue
             meta[key] = float(value) if key in self.numeric else value
-        return self.read(listed, meta)
+        if self.label_column != "label":
+            meta["label"] = meta.get(self.label_column)
+        item = self.read(listed, meta)
+        if self.text_column is not None and isinstance(item, Item):
+            item.text = meta.pop(self.text_column, None)  # the case's report: its text, not a metadata column
+            item.metadata.pop(self.text_column, None)
+        return item
 
     def _rel(self, path: Path) -> str:
         base = getattr(self, "manifest_dir", self.root)

@@ -19,6 +19,7 @@ a reason; so are files over the bounds of :class:`PdfOptions` (``too_large`` byt
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from caselens.errors import SourceError
+from caselens.errors import ConfigError, SourceError
 from caselens.ingest.chunking import Chunker, figure_labels
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
 from caselens.ingest.source_paths import PathNamer, check_mode
@@ -58,7 +59,7 @@ class PdfOptions:
             raise SourceError(f"PDF dpi {self.dpi} is out of range; use 36-600")
         for name in ("max_file_bytes", "max_pages", "max_page_chars"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         check_mode(self.source_paths)
 
 
@@ -141,21 +142,40 @@ class PdfSource:
                 if not isinstance(entry, Rejection):
                     self.paths.name(entry[1])
         return {"kind": "pdf", "root": str(self.root.resolve()), "items": self.options.items,
-                "dpi": self.options.dpi, **self.paths.record()}
+                "dpi": self.options.dpi, "ocr": self.options.ocr,
+                "file": self.path.name if self.path.is_file() else None, **self.paths.record()}
 
     def estimate(self) -> int | None:
         return None  # pages and chunks per file are known only once read
 
     def __iter__(self) -> Iterator[Item | Rejection]:
-        entries = self._entries()
+        for part in self.parts():
+            yield from self.read_part(part)
+
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The files in order (and the rejections of the walk), one per group when ``size`` is
+        given (a PDF is many pages), else all in one group, for :meth:`read_part`."""
+        entries = [("reject", e.input, e.reason_code, e.reason) if isinstance(e, Rejection) else
+                   ("file", str(e[0]), e[1]) for e in self._entries()]
         if not entries:
-            yield Rejection(".", "empty_source", "the folder holds no files; point --pdf at PDFs")
-            return
-        for entry in entries:
-            if isinstance(entry, Rejection):
-                yield Rejection(self.paths.name(entry.input), entry.reason_code, entry.reason)
-            else:
-                yield from self._read_file(entry[0], entry[1])
+            entries = [("reject", ".", "empty_source", "the folder holds no files; point --pdf at PDFs")]
+        return [{"inputs": [e]} for e in entries] if size else [{"inputs": entries}]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items and rejections of one group of :meth:`parts`, in order."""
+        for entry in part.get("inputs", ()):
+            if entry[0] == "file":
+                yield from self._read_file(Path(entry[1]), entry[2])
+                continue
+            _, name, code, reason = entry
+            yield Rejection(name if code == "empty_source" else self.paths.name(name), code, reason)
+
+    def part_reader(self) -> "PdfSource":
+        """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs) and
+        without the collection's key (its path naming takes the key where it runs)."""
+        reader = copy.copy(self)
+        reader.chunker, reader.paths = None, self.paths.without_secret()
+        return reader
 
     # ------------------------------------------------------------------ files
     def _read_file(self, file: Path, rel: str) -> Iterator[Item | Rejection]:

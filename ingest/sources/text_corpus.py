@@ -13,12 +13,13 @@ longer than ``max_text_chars``; rows after the first ``max_rows`` are rejected t
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from caselens.errors import SourceError
+from caselens.errors import ConfigError, SourceError
 from caselens.ingest.chunking import Chunker, chunk_item
 from caselens.ingest.items import Item, Rejection
 from caselens.ingest.source_paths import PathNamer, check_mode
@@ -39,7 +40,7 @@ class TextCorpusConfig:
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_row_bytes", "max_text_chars"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         check_mode(self.source_paths)
 
 
@@ -67,6 +68,14 @@ class TextCorpusSource:
     @property
     def is_csv(self) -> bool:
         return self.path.suffix.lower() == ".csv"
+
+    def input_record(self) -> dict[str, Any]:
+        """The corpus file and how its rows were read, for the collection's local inputs file
+        (:mod:`caselens.ingest.inputs`: how ``verify --repair --reingest`` reads it again)."""
+        self.paths.name(self.path.name)  # a hashed collection maps the corpus file's name too
+        return {"kind": "text", "root": str(self.path.resolve().parent), "file": self.path.name,
+                "id_field": self.id_field, "text_field": self.text_field, "limit": self.limit,
+                **self.paths.record()}
 
     def estimate(self) -> int | None:
         n = 0
@@ -118,19 +127,43 @@ class TextCorpusSource:
                     continue
                 yield line.number, obj, "", ""
 
-    def __iter__(self) -> Iterator[Item | Rejection]:
-        count = 0
-        name = self.paths.name(self.path.name)
-        max_chars = self.config.max_text_chars
-        for line, row, code, problem in self._rows():
+    def _limited_rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str, str]]:
+        """:meth:`_rows` up to ``limit`` rows; past ``max_rows``, one ``too_many_rows`` rejection."""
+        for count, entry in enumerate(self._rows()):
             if self.limit is not None and count >= self.limit:
                 break
-            ref = f"{name}:{line}"
             if count >= self.config.max_rows:
-                yield Rejection(f"{ref}-", "too_many_rows", f"the corpus has more than {self.config.max_rows} rows; "
-                                "the rest from this line on is not read (split the corpus)")
+                yield entry[0], None, "too_many_rows", (f"the corpus has more than {self.config.max_rows} rows; "
+                                                        "the rest from this line on is not read (split the corpus)")
                 break
-            count += 1
+            yield entry
+
+    def __iter__(self) -> Iterator[Item | Rejection]:
+        empty = True
+        for entry in self._limited_rows():  # streamed: one row at a time
+            empty = False
+            yield from self.read_part({"rows": [entry]})
+        if empty:
+            yield from self.read_part(self._empty)
+
+    # A distributed ingest reads the rows once here (``parts``, on the driver: parsing is cheap
+    # next to embedding) and builds and chunks items elsewhere (``read_part``).
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The rows (``limit`` applied) in groups of ``size`` (0: one group):
+        ``{"rows": [(line, row or None, code, problem), ...]}``, or an ``empty_source`` rejection."""
+        rows = list(self._limited_rows())
+        if not rows:
+            return [self._empty]
+        return [{"rows": rows[i:i + size]} for i in range(0, len(rows), size)] if size else [{"rows": rows}]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items (chunked) and rejections of one group of :meth:`parts`, in order."""
+        name = self.paths.name(self.path.name)
+        max_chars = self.config.max_text_chars
+        if "reject" in part:
+            yield Rejection(name, *part["reject"])
+        for line, row, code, problem in part.get("rows", ()):
+            ref = f"{name}:{line}" + ("-" if code == "too_many_rows" else "")
             if row is None:
                 yield Rejection(ref, code, problem)
                 continue
@@ -152,5 +185,15 @@ class TextCorpusSource:
             yield from chunk_item(Item(id=item_id, kind="text", input=ref, source=name, text=text.strip(),
                                        metadata=meta, provenance={"file": name, "line": line}),
                                   self.chunker)
-        if count == 0:
-            yield Rejection(name, "empty_source", "corpus holds no rows")
+
+    @property
+    def _empty(self) -> dict[str, Any]:
+        return {"reject": ("empty_source", "corpus holds no rows")}
+
+    def part_reader(self) -> "TextCorpusSource":
+        """A copy that reads parts, without its chunker (its tokenizer belongs to the encoder: set
+        ``chunker`` on the copy where it runs) and without the collection's key (its path naming
+        takes the key where it runs)."""
+        reader = copy.copy(self)
+        reader.chunker, reader.paths = None, self.paths.without_secret()
+        return reader

@@ -11,13 +11,14 @@ are not followed (``symlink``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from caselens.errors import SourceError
+from caselens.errors import ConfigError, SourceError
 from caselens.ingest.chunking import Chunker, chunk_item
 from caselens.ingest.items import Item, Rejection, content_id
 from caselens.ingest.source_paths import PathNamer, check_mode
@@ -37,7 +38,7 @@ class TextFolderConfig:
     def __post_init__(self) -> None:
         for name in ("max_file_bytes", "max_text_chars"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         check_mode(self.source_paths)
 
 
@@ -69,6 +70,15 @@ class TextFolderSource:
     def source_paths(self) -> str | None:
         return self.config.source_paths
 
+    def input_record(self) -> dict[str, Any]:
+        """The folder, for the collection's local inputs file (:mod:`caselens.ingest.inputs`: how
+        ``verify --repair --reingest`` reads it again)."""
+        if self.paths.mode == "hashed":  # the hash -> path map of every file it will read
+            for entry in walk_files(self.root):
+                if not isinstance(entry, Rejection):
+                    self.paths.name(entry[1])
+        return {"kind": "text", "root": str(self.root.resolve()), "file": None, **self.paths.record()}
+
     def files(self) -> list[Path]:
         """The regular files this source reads (symlinks and special files are rejected instead)."""
         return [e[0] for e in walk_files(self.root) if not isinstance(e, Rejection)]
@@ -77,16 +87,41 @@ class TextFolderSource:
         return sum(1 for _ in walk_files(self.root))
 
     def __iter__(self) -> Iterator[Item | Rejection]:
+        for part in self.parts():  # one walk; each file read as it comes
+            yield from self.read_part(part)
+
+    def _inputs(self) -> Iterator[tuple]:
         empty = True
         for entry in walk_files(self.root):
             empty = False
             if isinstance(entry, Rejection):
-                yield Rejection(self.paths.name(entry.input), entry.reason_code, entry.reason)
-                continue
-            path, rel = entry
-            yield from self._read(path, rel)
+                yield ("reject", entry.input, entry.reason_code, entry.reason)
+            else:
+                yield ("file", str(entry[0]), entry[1])
         if empty:
-            yield Rejection(".", "empty_source", "the folder holds no files")
+            yield ("reject", ".", "empty_source", "the folder holds no files")
+
+    def parts(self, size: int = 0) -> list[dict[str, Any]]:
+        """The files in order (and the rejections of the walk), in groups of ``size`` (0: one
+        group), for :meth:`read_part`."""
+        inputs = list(self._inputs())
+        return [{"inputs": inputs[i:i + size]} for i in range(0, len(inputs), size)] if size else [{"inputs": inputs}]
+
+    def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
+        """Items (chunked) and rejections of one group of :meth:`parts`, in order."""
+        for entry in part.get("inputs", ()):
+            if entry[0] == "file":
+                yield from self._read(Path(entry[1]), entry[2])
+                continue
+            _, name, code, reason = entry
+            yield Rejection(name if code == "empty_source" else self.paths.name(name), code, reason)
+
+    def part_reader(self) -> "TextFolderSource":
+        """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs) and
+        without the collection's key (its path naming takes the key where it runs)."""
+        reader = copy.copy(self)
+        reader.chunker, reader.paths = None, self.paths.without_secret()
+        return reader
 
     def _read(self, path: Path, rel: str) -> Iterator[Item | Rejection]:
         name = self.paths.name(rel)

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection
 from caselens.retrieval.rag.answer import AskConfig, ask, parse_choice
-from caselens.retrieval.rag.generators import Generator, Request, load_generator
+from caselens.retrieval.rag.generators import Generator, Request
+from caselens.retrieval.rag.registry import load_generator
 
 
 @dataclass

@@ -133,7 +133,7 @@ def evaluate_text(collection: Collection, questions: Path, modes: Sequence[str] 
         elapsed = 0.0
         for i, (task, question, gold) in enumerate(tqdm(queries, desc=f"eval {mode}", disable=not progress)):
             t0 = time.perf_counter()
-            found = ranker.rank(question, depth, mode, vector=None if vectors is None else vectors[i])
+            found, _ = ranker.rank(question, depth, mode, vector=None if vectors is None else vectors[i])
             elapsed += time.perf_counter() - t0
             docs = _dedupe([r for _, r in found], doc_of, max_k)
             per_task.setdefault(task, []).append(score_ranking(docs, gold, ks))

@@ -21,16 +21,16 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection
 from caselens.retrieval.rag.context import ContextItem, case_text, citation_key, item_kind, sanitize, within_budget
-from caselens.retrieval.rag.generators import Generator, Request, load_generator
+from caselens.retrieval.rag.generators import Generator, Request
+from caselens.retrieval.rag.registry import load_generator
 from caselens.retrieval.rag.grounding import check_grounding
 from caselens.retrieval.rag.prompts import ABSTAIN_TEXT
-from caselens.retrieval.search import search
+from caselens.retrieval.search import ExclusionUnknownError, ImageQuery, search
 
 
 @dataclass
@@ -48,6 +48,8 @@ class AskConfig:
     max_new_tokens: int = 160  # generation length limit
     require_citations: bool = True  # abstain when a free/yes-no answer cites nothing retrieved
     images: bool = True  # show a generator that takes images the kept cases' and pages' images
+    exclude_same: str | None = "patient_id"  # similar cases never share this with the query (when it is known)
+    query_patient: str | None = None  # the patient of an outside query image (pseudonymised, never stored)
 
 
 @dataclass
@@ -112,7 +114,7 @@ _Hits = dict[tuple[str, str], tuple[Collection, Any]]  # (collection name, item 
 
 
 def _retrieve(question: str, knowledge: Sequence[Collection], cases: Collection | None,
-              image: Path | None, config: AskConfig) -> tuple[list[ContextItem], _Hits]:
+              image: ImageQuery | None, config: AskConfig) -> tuple[list[ContextItem], _Hits]:
     """Context items without images, and the hits they came from (to find their images later)."""
     items: list[ContextItem] = []
     hits: _Hits = {}
@@ -120,7 +122,12 @@ def _retrieve(question: str, knowledge: Sequence[Collection], cases: Collection 
     if image is not None:
         if cases is None:
             raise QueryError("a query image needs a case collection (--cases)")
-        result = search(cases, image=Path(image), k=config.k_cases)
+        column = config.exclude_same if config.exclude_same in cases.columns() else None
+        try:  # the query image itself and its patient never come back as a similar case
+            result = search(cases, image=image, k=config.k_cases, exclude_self=True, exclude_same=column,
+                            query_patient=config.query_patient if column else None)
+        except ExclusionUnknownError:  # its patient is not known: only its stored copy is left out
+            result = search(cases, image=image, k=config.k_cases, exclude_self=True)
         for hit in result.hits:
             text = sanitize(case_text(hit))
             items.append(ContextItem(citation_key("case", hit), "case", cases.name, hit.id, text, hit.score,
@@ -146,7 +153,7 @@ def with_images(items: Sequence[ContextItem], hits: _Hits, chunk_pages: bool = F
     items and, with ``chunk_pages``, the page a PDF text chunk comes from (rendered once, cached).
     An image goes to the best-ranked item showing it only (chunks of one page share one), so a
     generator is not shown the same picture twice."""
-    from caselens.retrieval.rag.images import has_image, item_images
+    from caselens.retrieval.images import has_image, item_images
 
     wanted: dict[str, list[ContextItem]] = {}
     for it in items:
@@ -183,12 +190,12 @@ def takes_images(generator: Generator) -> bool:
 
 
 def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Collection | None = None,
-                     image: Path | None = None, config: AskConfig | None = None, *, images: bool = True,
+                     image: ImageQuery | None = None, config: AskConfig | None = None, *, images: bool = True,
                      chunk_pages: bool = False) -> list[ContextItem]:
     """Cases for ``image`` and passages for ``question`` (+ the cases' findings), best first.
 
     ``images``: cases and page items get ``image_path``, a PNG/JPEG of what they show, found from
-    the collection's recorded input roots (:mod:`caselens.retrieval.rag.images`: checked against
+    the collection's recorded input roots (:mod:`caselens.retrieval.images`: checked against
     the item's content hash, DICOM decoded and PDF pages rendered into the collection's cache);
     ``chunk_pages``: PDF text chunks too get their page's image.
     """
@@ -197,7 +204,7 @@ def retrieve_context(question: str, knowledge: Sequence[Collection], cases: Coll
 
 
 def ask(knowledge: Collection | Sequence[Collection], question: str, *, generator: Generator | str = "auto",
-        cases: Collection | None = None, image: Path | None = None, config: AskConfig | None = None) -> Answer:
+        cases: Collection | None = None, image: ImageQuery | None = None, config: AskConfig | None = None) -> Answer:
     """Answer ``question`` from ``knowledge`` collections (and cases similar to ``image``)."""
     config = config or AskConfig()
     if not question.strip():

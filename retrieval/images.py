@@ -44,14 +44,13 @@ from caselens.ingest.items import content_id
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = ("cache", "images")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _PASS_THROUGH = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # files a VLM endpoint reads as they are
 
 
 def cache_dir(collection: Any) -> Path:
     """The folder of a collection's decoded and rendered item images."""
-    return Path(collection.root).joinpath(*CACHE_DIR)
+    return collection.layout.image_cache_dir
 
 
 def cache_path(collection: Any, key: str) -> Path:
@@ -130,18 +129,8 @@ def _cache_key(hit: Any) -> str:
 
 def _ledger_rows(collection: Any, ids: Sequence[str]) -> list[dict[str, Any]]:
     """Ledger rows (run_id, item_id, status, input) that stored or met the items ``ids``."""
-    from caselens.indexes.collection import LEDGER
-
-    db = getattr(collection, "_db", None)
-    if db is None:
-        import lancedb
-
-        db = lancedb.connect(str(Path(collection.root) / "lance"))
-    table = db.open_table(LEDGER)
-    quoted = ",".join("'" + str(i).replace("'", "''") + "'" for i in dict.fromkeys(ids))
-    query = (table.search().where(f"item_id IN ({quoted}) AND status IN ('accepted', 'duplicate')")
-             .select(["run_id", "item_id", "status", "input"]).limit(max(1, table.count_rows())))
-    return query.to_arrow().to_pylist()
+    return [r for r in collection.ledger(item_ids=list(dict.fromkeys(ids)))
+            if r["status"] in ("accepted", "duplicate")]
 
 
 def _dicom_options(run: dict[str, Any] | None, collection: Any) -> Any:
@@ -279,7 +268,7 @@ class _Resolver:
         path, run = found
         frame = prov.get("frame")
         frames = [int(frame)] if isinstance(frame, int) else "middle"
-        images, _, _ = decode_frames(path, b"", _dicom_options(run, self.collection), frames)
+        images, _, _ = decode_frames(path, self.collection.secret(), _dicom_options(run, self.collection), frames)
         return self._cache(hit, images[0])
 
     def _dicom_unit(self, hit: Any, prov: dict[str, Any]) -> str | None:
@@ -315,7 +304,7 @@ class _Resolver:
                 changed = True
                 continue
             frames = [int(frame)] if isinstance(frame, int) else "middle"
-            images, _, _ = decode_frames(root / rel, b"", options, frames)
+            images, _, _ = decode_frames(root / rel, self.collection.secret(), options, frames)
             return self._cache(hit, images[0])
         return _not_found(hit.id, changed, "series files")
 
