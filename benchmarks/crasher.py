@@ -90,6 +90,7 @@ def make_corpus(path: Path, n: int) -> Path:
 def make_vector_collection(home: Path, n: int, dim: int, adds: int) -> None:
     """A collection of ``n`` random unit vectors written in ``adds`` appends (one fragment each),
     with its ledger and a FAISS index: the starting state of the index and optimize paths."""
+    from caselens.indexes import derived
     from caselens.indexes.collection import Collection, LedgerEntry
 
     rng = np.random.default_rng(7)
@@ -103,7 +104,7 @@ def make_vector_collection(home: Path, n: int, dim: int, adds: int) -> None:
         coll.add([{"id": f"v{i}", "kind": "image", "source": f"v{i}", "metadata": {"group": f"g{i % 7}"}}
                   for i in ids], vecs[start:start + len(ids)])
         coll.record("base", [LedgerEntry(f"v{i}", "accepted", f"v{i}") for i in ids])
-    coll.build_index()
+    derived.refresh(coll, rebuild=True)
 
 
 # ------------------------------------------------------------------ state
@@ -120,19 +121,18 @@ class State:
 
 
 def read_state(home: Path) -> State:
-    """The collection ``col`` under ``home`` read with LanceDB directly (empty when not made yet)."""
-    import lancedb
+    """The collection ``col`` under ``home`` read with Lance directly (empty when not made yet)."""
+    from caselens.indexes.lance_lib import lance
 
     folder = home / "col" / "lance"
     if not (folder / "items.lance").exists():
         return State([], {}, set(), [])
-    db = lancedb.connect(str(folder))
-    items = db.open_table("items").to_arrow().select(["id", "vector"])
+    items = lance.dataset(str(folder / "items.lance")).to_table(columns=["id", "vector"])
     ids = items.column("id").to_pylist()
     flat = np.asarray(items.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
     dim = flat.size // max(1, len(ids))
     vectors = dict(zip(ids, flat.reshape(-1, dim) if ids else []))
-    ledger = db.open_table("ledger").to_arrow().to_pylist() if (folder / "ledger.lance").exists() else []
+    ledger = lance.dataset(str(folder / "ledger.lance")).to_table().to_pylist() if (folder / "ledger.lance").exists() else []
     accepted = {r["item_id"] for r in ledger if r["status"] == "accepted" and r["item_id"]}
     return State(ids, vectors, accepted, ledger)
 
@@ -247,9 +247,10 @@ def quick_check(scenario: Scenario, state: State, base: State | None) -> list[st
 
 def verify(home: Path, in_process: bool) -> dict:
     if in_process:
+        from caselens.indexes import derived
         from caselens.indexes.collection import Collection
 
-        return Collection.open("col", home).verify().to_dict()
+        return derived.verify(Collection.open("col", home)).to_dict()
     got = subprocess.run([CASELENS, "--home", str(home), "verify", "col", "--json"], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     try:
@@ -280,7 +281,7 @@ def full_check(scenario: Scenario, home: Path, base: State | None, final_run_id:
                                                   "bad_vectors", "index_problems", "self_checked", "self_missed",
                                                   "error") if k in report}}
     if scenario.path == "ingest" and final_run_id:
-        rows = [r for r in state.ledger if r["run_id"] == final_run_id]
+        rows = [r for r in state.ledger if final_run_id in _runs_of(r)]  # one row per input and outcome
         out["final_run_inputs"] = len({r["input"] for r in rows})
         out["inputs_accounted"] = out["final_run_inputs"] == scenario.inputs
     out["ok"] = (not (lost or duplicated or unexpected or phantom or changed) and out["verify_ok"]
@@ -288,9 +289,15 @@ def full_check(scenario: Scenario, home: Path, base: State | None, final_run_id:
     return out
 
 
+def _runs_of(row: dict) -> set[str]:
+    """The runs a ledger row names: the first that met its input and outcome, and the last."""
+    return {row["run_id"], row.get("last_run") or row["run_id"]}
+
+
 def last_run_id(home: Path, before: set[str]) -> str | None:
-    runs = [r["run_id"] for r in read_state(home).ledger if r["run_id"] not in before]
-    return runs[-1] if runs else None
+    runs = sorted(((r.get("last_time") or r["time"], run) for r in read_state(home).ledger
+                   for run in _runs_of(r) - before), key=lambda t: t[0])
+    return runs[-1][1] if runs else None
 
 
 # ------------------------------------------------------------------ the loop
@@ -348,7 +355,7 @@ def run_scenario(scenario: Scenario, work: Path, kills_wanted: int, seed: int, c
             episode["quick_problems"] += problems
             if problems:
                 log(f"  {scenario.name}: PROBLEM after {spec}: {problems}")
-        before = {r["run_id"] for r in read_state(home).ledger}
+        before = {run for r in read_state(home).ledger for run in _runs_of(r)}
         final = run_caselens(home, scenario.args, work / "trace")
         episode["final_exit"] = final.exit
         if final.exit != 0:

@@ -74,18 +74,18 @@ def test_disk_full_during_ingest_and_index_write(small_fs: Path, tmp_path: Path,
     capsys.readouterr()
     # an ingest that runs out of space
     _resize(small_fs, _used(small_fs) + (24 << 10))
-    assert main(h + ["ingest", "c", "--images", str(second), "-q", "--write-items", "8"]) == 2
+    assert main(h + ["ingest", "c", "--images", str(second), "-q", "--write-items", "8"]) == 3  # a failure at run time
     err = capsys.readouterr().err
     assert "collection 'c'" in err and "no space left" in err.lower() and "Traceback" not in err
     after = _state(home)
     assert all(after["vectors"][i] == v for i, v in before["vectors"].items())  # nothing stored is lost
     assert len(after["ids"]) == len(set(after["ids"])) and after["accepted"] <= set(after["ids"])
     # an index write that runs out of space leaves the previous index in place
-    stamp = faiss_index.read_stamp(Collection.open("c", home).index_dir)
-    assert main(h + ["index", "c", "--rebuild", "-q"]) == 2
+    stamp = faiss_index.read_stamp(Collection.open("c", home).layout.faiss_dir)
+    assert main(h + ["index", "c", "--rebuild", "-q"]) == 3
     err = capsys.readouterr().err
     assert "collection 'c'" in err and "no space left" in err.lower() and "Traceback" not in err
-    index, kept = faiss_index.load_index(Collection.open("c", home).index_dir, stamp.encoder_fingerprint,
+    index, kept = faiss_index.load_index(Collection.open("c", home).layout.faiss_dir, stamp.encoder_fingerprint,
                                          cached=False)
     assert kept.checksum == stamp.checksum and index.ntotal == 30
     # with space again, the same commands complete and everything agrees
