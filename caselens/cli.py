@@ -83,7 +83,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                    encoder_options=_options(args.encoder_opt, "--encoder-opt"), batch_size=args.batch_size,
                    write_items=args.write_items, build_index=not args.no_index, progress=not args.quiet,
                    runner=args.runner, address=args.address, encoder_workers=args.encoder_workers,
-                   gpus_per_worker=args.gpus_per_worker)
+                   gpus_per_worker=args.gpus_per_worker, source_paths=args.source_paths)
     collection = caselens.open(args.collection, args.home, create=True)
     report = collection.ingest(images=args.images, manifest=args.manifest, dicom=args.dicom, text=args.text,
                                pdf=args.pdf, encoder=args.encoder, **options)
@@ -128,9 +128,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     collection = _collection(args)
     result = collection.search(args.image, text=args.text, id=args.id, k=args.k, where=args.where,
                                exclude_same=args.exclude_same, query_patient=args.query_patient, mode=args.mode)
+    if args.csv:
+        say(f"wrote {result.to_csv(args.csv)} hits to {args.csv}")
     if args.json:
         print(result.to_json())
-    else:
+    elif not args.csv:
         console().print(hits_table(result))
         if result.hits:
             say("full ids and metadata: add --json")
@@ -378,9 +380,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LEDGER_CSV_COLUMNS = ("run_id", "time", "input", "item_id", "status", "reason_code", "reason", "runs", "last_run",
+                      "last_time")
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     collection = _collection(args)
     rows = collection.ledger(args.run, args.status)
+    if args.csv:
+        from caselens.csv_safe import write_csv
+
+        n = write_csv(args.csv, LEDGER_CSV_COLUMNS, rows)
+        say(f"wrote {n} ledger rows to {args.csv}")
+        return EXIT_OK
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -620,8 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-column", metavar="NAME", help="the manifest column holding each case's report or notes: "
                    "stored as the item's text (keyword-searchable, and the case's context for `ask --cases`)")
     s.add_argument("--label-from-folder", action="store_true", help="without a manifest: label = parent folder name")
-    s.add_argument("--dicom", nargs="+", metavar="PATH", help="a DICOM export (folder or DICOMDIR: DICOM found by "
-                   "its preamble, symlinks refused), or DICOM / NIfTI files")
+    s.add_argument("--dicom", nargs="+", metavar="PATH", help="DICOM exports (folders or DICOMDIRs: DICOM found by "
+                   "its preamble, symlinks refused) and/or DICOM / NIfTI files, one or several")
     s.add_argument("--unit", choices=["instance", "series", "study"], default="instance",
                    help="--dicom: one item per file (default), per series or per study (slices pooled)")
     s.add_argument("--slices", type=int, default=8, help="--dicom series/study units: slices sampled per series (default 8)")
@@ -651,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-items", type=int, default=1024, metavar="N",
                    help="items written to the collection together, or what 5 s brought (default 1024; "
                         "fewer: less work redone after a crash, more table versions)")
+    s.add_argument("--source-paths", choices=["relative", "hashed", "none"],
+                   help="how input files are named in the table, the ledger and results: relative paths, "
+                        "keyed hashes (default for DICOM and manifests with patient_id: folder and file names "
+                        "may name patients; images are still found again through the collection's local "
+                        "inputs.json), or nothing; a collection keeps its setting")
     s.add_argument("--no-index", action="store_true", help="do not refresh the FAISS and BM25 indexes afterwards "
                                                           "(searches rank the new rows exactly until `caselens index`)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -688,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text queries: dense vectors (default; score: cosine), BM25 keywords (score: BM25), or both "
                         "fused by reciprocal rank (score: RRF)")
     s.add_argument("--json", action="store_true", help="print JSON (full ids, metadata, provenance) instead of a table")
+    s.add_argument("--csv", metavar="FILE", help="write the hits (and their metadata columns) to a CSV file; "
+                                                 "cells that spreadsheets would run as formulas are neutralised")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("ask", help="answer a question from knowledge collections (and similar cases), with checked citations")
@@ -798,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--status", choices=["accepted", "duplicate", "rejected", "deleted"])
     s.add_argument("--limit", type=int, default=50, help="rows to show (table output)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--csv", metavar="FILE", help="write every selected row to a CSV file (formula cells neutralised)")
     s.set_defaults(func=cmd_ledger)
 
     s = sub.add_parser("index", help="bring the FAISS and BM25 indexes up to date (or --rebuild)")
@@ -862,7 +882,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"caselens {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - a bug: show it, say so, exit apart from user errors
+    except Exception as exc:  # noqa: BLE001 - a bug: show it, say so, exit apart from user errors
+        from caselens.files import disk_full
+
+        if disk_full(exc):  # a full disk met inside a library (LanceDB, FAISS): a known failure, no traceback
+            name = getattr(args, "collection", None)
+            print(f"caselens {args.command}: error: {f'collection {name!r}: ' if name else ''}no space left on the "
+                  "device while writing; what was stored before is intact: free space and run the command again",
+                  file=sys.stderr)
+            return EXIT_RUNTIME
         traceback.print_exc()
         print(f"caselens {args.command}: internal error (a bug in caselens {__version__}); please report it "
               "with the traceback above", file=sys.stderr)

@@ -95,3 +95,10 @@ class AdapterIntegrityError(CaselensError, ValueError):
 
 class AdaptationError(CaselensError, ValueError):
     """An adapter or diagnosis model that cannot be fitted from the labelled items given."""
+
+
+class DiskFullError(CaselensError, OSError):
+    """No space left on the device (or the quota) while writing a collection; what was stored
+    before the failed write is intact, and the same command run again with space continues."""
+
+    exit_code = 3

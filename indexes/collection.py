@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from caselens.errors import (BadVectorError, CollectionNotFoundError, ConfigError, EncoderMismatchError,
                              PseudonymKeyError, TableDamagedError)
+from caselens.faults import fault_point
 from caselens.files import atomic_write_bytes, default_home
 from caselens.indexes.checksums import CHECKSUM_COLUMN, row_checksums
 from caselens.indexes.damage import LanceGuard, newest_readable
@@ -417,7 +418,9 @@ class Collection:
         """Append rows that are complete as stored (``_row`` numbers and ``_checksum`` set, the
         table's schema): :meth:`add` and repairs use it. Call holding the write lock."""
         with self.guard():
+            fault_point("table.commit.before")
             lance.write_dataset(table, self._items, mode="append")
+            fault_point("table.commit.after")
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -463,7 +466,9 @@ class Collection:
         with self.lock.hold():
             with self.guard():
                 dataset = self.dataset()
+                fault_point("table.compact.before")
                 dataset.optimize.compact_files()
+                fault_point("table.compact.after")
                 self.dataset().cleanup_old_versions(older_than=timedelta(days=7))
             self.ledger_table.compact()
 

@@ -34,7 +34,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from caselens.errors import ConfigError, EncoderMismatchError, IndexIntegrityError
+from caselens.errors import ConfigError, DiskFullError, EncoderMismatchError, IndexIntegrityError
+from caselens.faults import fault_point
 from caselens.files import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,16 @@ def remove_stale_temporaries(folder: Path) -> int:
     return removed
 
 
+def _write_named(path: Path, data: Any) -> None:
+    """:func:`atomic_write_bytes` into ``<collection>/faiss``, a full disk reported with the collection's name."""
+    try:
+        atomic_write_bytes(path, data)
+    except DiskFullError as exc:
+        name = path.parent.parent.name
+        raise DiskFullError(f"collection {name!r}: {exc}; the table is untouched: free space and run "
+                            f"`caselens index {name}`") from None
+
+
 def write_index(index: faiss.Index, folder: Path, *, table_version: int, encoder_fingerprint: str,
                 factory: str, params: dict[str, int] | None = None, choice: dict[str, Any] | None = None,
                 deleted: list[int] | None = None, trained_on: int = 0, added_since_build: int = 0,
@@ -283,7 +294,8 @@ def write_index(index: faiss.Index, folder: Path, *, table_version: int, encoder
     """
     folder.mkdir(parents=True, exist_ok=True)
     data = faiss.serialize_index(index)
-    atomic_write_bytes(folder / INDEX_FILE, data)
+    _write_named(folder / INDEX_FILE, data)
+    fault_point("index.write.between")
     stamp = IndexStamp(
         table_version=int(table_version),
         encoder_fingerprint=encoder_fingerprint,
@@ -298,7 +310,7 @@ def write_index(index: faiss.Index, folder: Path, *, table_version: int, encoder
         added_since_build=int(added_since_build),
         removed_since_build=int(removed_since_build),
     )
-    atomic_write_bytes(folder / STAMP_FILE, stamp.to_json().encode())
+    _write_named(folder / STAMP_FILE, stamp.to_json().encode())
     _CACHE.put(folder, stamp, index)
     log.info("wrote FAISS index (%s, %d vectors) to %s", factory, stamp.ntotal, folder / INDEX_FILE)
     return stamp

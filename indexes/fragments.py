@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from caselens.faults import fault_point
 from caselens.indexes.lance_lib import lance
 import numpy as np
 import pyarrow as pa
@@ -83,7 +84,10 @@ def commit_fragments(uri: str | Path, fragments: Sequence[str], read_version: in
     if not fragments:
         return read_version
     op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in fragments])
-    return int(lance.LanceDataset.commit(str(uri), op, read_version=read_version).version)
+    fault_point("table.commit.before")
+    version = int(lance.LanceDataset.commit(str(uri), op, read_version=read_version).version)
+    fault_point("table.commit.after")
+    return version
 
 
 def stored_ids(table: lance.LanceDataset, ids: Sequence[str]) -> set[str]:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from caselens.faults import fault_point
 from caselens.indexes.checksums import CHECKSUM_COLUMN, with_checksums
 from caselens.indexes.damage import LanceGuard, manifest_versions
 from caselens.indexes.lock import WriteLock
@@ -237,11 +238,13 @@ class Ledger:
             schema = pa.schema([f for f in LEDGER_SCHEMA if f.name != CHECKSUM_COLUMN])
             table = with_checksums(pa.Table.from_pylist(rows, schema=schema))
             with self.guard():
+                fault_point("ledger.write.before")
                 if old:
                     self.dataset().merge_insert("key").when_matched_update_all().when_not_matched_insert_all() \
                         .execute(table)
                 else:
                     lance.write_dataset(table, self.uri, mode="append")
+                fault_point("ledger.write.after")
             facts = self.lock.facts()
             if facts is not None:
                 facts["ledger_seq"] = seq + 1

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from caselens.faults import fault_point
+
 _GUARD = threading.Lock()
 _STATES: dict[str, "_State"] = {}  # one per lock file in this process, shared by every WriteLock of it
 
@@ -75,6 +77,7 @@ class WriteLock:
                     yield False
                     return
                 state.depth, state.owner, state.facts = 1, threading.get_ident(), {}
+                fault_point("lock.acquired")
                 try:
                     yield True
                 finally:

@@ -115,8 +115,12 @@ def check_key(secret: bytes) -> bytes:
 
 
 def pseudonym(value: str, secret: bytes, kind: str) -> str:
-    """Pseudonym of ``value``; ``kind`` is "patient" (``pt-…``) or "uid" (a valid ``2.25.…`` UID).
+    """Pseudonym of ``value``; ``kind`` is "patient" (``pt-…``), "uid" (a valid ``2.25.…`` UID) or
+    "path" (``path-…``: an input file's relative path, see :mod:`caselens.ingest.source_paths`).
     ``secret`` is the collection's key (:func:`check_key`)."""
+    if kind == "path":  # paths are taken as they are: a leading or trailing space is part of the name
+        mac = hmac.new(check_key(secret), f"path:{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        return f"path-{mac[:10].hex()}"
     mac = hmac.new(check_key(secret), f"{kind}:{value.strip()}".encode(), hashlib.sha256).digest()
     if kind == "uid":
         return "2.25." + str(int.from_bytes(mac[:16], "big"))

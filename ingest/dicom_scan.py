@@ -2,7 +2,8 @@
 
 :func:`walk_inputs` lists the files under a folder (or those a DICOMDIR references) without
 following symlinks and without leaving the root: a symlink or a path that points outside is a
-:class:`~caselens.ingest.items.Rejection`, never read. :func:`scan_headers` reads every header
+:class:`~caselens.ingest.items.Rejection`, never read; :func:`walk_many` does the same for several
+folders, DICOMDIRs and files at once, naming everything relative to their common folder. :func:`scan_headers` reads every header
 (no pixels) and groups instances into patient -> study -> series under *pseudonyms* only;
 :func:`scan` does both and summarises (``caselens scan DIR``). Nothing identifying is printed.
 """
@@ -20,9 +21,10 @@ from caselens.ingest.deid import pseudonym
 from caselens.ingest.items import Rejection
 from caselens.ingest.sources.dicom import (DicomOptions, DicomReadError, check_header, quiet_pydicom, is_dicom,
                                            read_header)
+from caselens.ingest.walk import CLUTTER, check_file, walk_files
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SKIP_NAMES = {".ds_store", "thumbs.db"}
+SKIP_NAMES = CLUTTER
 
 
 def is_nifti(path: Path) -> bool:
@@ -33,7 +35,7 @@ def is_nifti(path: Path) -> bool:
 def _inside(path: Path, root: Path) -> bool:
     try:
         return path.resolve().is_relative_to(root)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
         return False
 
 
@@ -54,30 +56,63 @@ def walk_inputs(root: Path, files: list[Path] | None = None) -> Iterator[tuple[P
             rel = os.path.relpath(f, base) if f.is_absolute() else str(f)
             yield from _check_one(base / rel if not f.is_absolute() else f, rel, base)
         return
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-        here = Path(dirpath)
-        dirnames.sort()
-        for d in list(dirnames):
-            if (here / d).is_symlink():
-                dirnames.remove(d)
-                yield Rejection(str((here / d).relative_to(base)), "symlink",
-                                "symbolic link to a folder; not followed (copy the files into the export instead)")
-        for name in sorted(filenames):
-            if name.startswith(".") or name.lower() in SKIP_NAMES:
+    for entry in walk_files(base, SKIP_NAMES):
+        if isinstance(entry, Rejection):
+            yield entry
+        else:
+            yield from _check_one(entry[0], entry[1], base)
+
+
+def common_base(paths: list[Path]) -> Path:
+    """The folder inputs given as ``paths`` (folders, DICOMDIRs, files) are named relative to: the
+    deepest folder holding all of them (a folder counts as itself, a file as its folder)."""
+    folders = []
+    for p in paths:
+        p = Path(p).expanduser()
+        resolved = p.resolve()
+        folders.append(str(resolved if p.is_dir() else resolved.parent))
+    return Path(os.path.commonpath(folders)) if folders else Path.cwd()
+
+
+def walk_many(paths: list[Path]) -> Iterator[tuple[Path, str] | Rejection]:
+    """The inputs of several folders, DICOMDIR files and single files (``--dicom dirA dirB
+    f.dcm``), each named relative to :func:`common_base`; a path that does not exist is a
+    ``missing_file`` rejection, a file met twice is read once. A folder or DICOMDIR given here is
+    followed even when it is a symlink (it was named explicitly); nothing under it is."""
+    base = common_base(paths)
+    seen: set[str] = set()
+    for given in paths:
+        given = Path(given).expanduser()
+        if not given.exists():
+            yield Rejection(os.path.relpath(given.absolute(), base), "missing_file",
+                            "no such file or folder (given as an input)")
+            continue
+        target = given.resolve()
+        if target.is_dir():
+            entries: Iterator[tuple[Path, str] | Rejection] = walk_files(target, SKIP_NAMES, base=base)
+        elif target.name.upper() == "DICOMDIR":
+            try:
+                entries = iter(list(_dicomdir_inputs(target, base)))
+            except SourceError as exc:
+                entries = iter([Rejection(os.path.relpath(target, base), "corrupt_dicomdir", str(exc))])
+        else:
+            entries = _check_one(target, os.path.relpath(target, base), base)
+        for entry in entries:
+            rel = entry.input if isinstance(entry, Rejection) else entry[1]
+            if rel in seen:
                 continue
-            path = here / name
-            yield from _check_one(path, str(path.relative_to(base)), base)
+            seen.add(rel)
+            yield entry
 
 
 def _check_one(path: Path, rel: str, base: Path) -> Iterator[tuple[Path, str] | Rejection]:
-    if path.is_symlink():
-        yield Rejection(rel, "symlink", "symbolic link; not followed (copy the file into the export instead)")
+    problem = check_file(path, rel)
+    if problem is not None and problem.reason_code in ("symlink", "bad_path"):
+        yield problem
     elif not _inside(path, base):
         yield Rejection(rel, "outside_root", "path leaves the input folder; refused")
-    elif not path.exists():
-        yield Rejection(rel, "missing_file", "file does not exist")
-    elif not path.is_file():
-        yield Rejection(rel, "not_a_file", "not a regular file (device, pipe or folder); skipped")
+    elif problem is not None:
+        yield problem
     elif path.name.upper() == "DICOMDIR":
         yield Rejection(rel, "dicomdir_index", "a DICOMDIR index, not an image; pass it as the input to read "
                                                "the files it lists")
@@ -85,24 +120,37 @@ def _check_one(path: Path, rel: str, base: Path) -> Iterator[tuple[Path, str] | 
         yield path, rel
 
 
-def _dicomdir_inputs(dicomdir: Path) -> Iterator[tuple[Path, str] | Rejection]:
-    base = dicomdir.resolve().parent
+def _dicomdir_inputs(dicomdir: Path, base: Path | None = None) -> Iterator[tuple[Path, str] | Rejection]:
+    """The files a DICOMDIR lists, named relative to ``base`` (default: the DICOMDIR's folder)."""
+    folder = dicomdir.resolve().parent
+    base = folder if base is None else base
     try:
         ds = read_header(dicomdir)
         records = list(ds.get("DirectoryRecordSequence", []))
     except DicomReadError as exc:
         raise SourceError(f"DICOMDIR {dicomdir} cannot be read: {exc}") from None
+    except Exception as exc:  # a damaged value met while reading the records
+        raise SourceError(f"DICOMDIR {dicomdir} cannot be read ({type(exc).__name__})") from None
     seen: set[str] = set()
     for record in records:
-        parts = record.get("ReferencedFileID")
+        try:
+            parts = record.get("ReferencedFileID")
+        except Exception as exc:  # a damaged record: this one is skipped, with its reason
+            yield Rejection(f"DICOMDIR record {len(seen) + 1}", "corrupt_dicomdir",
+                            f"a DICOMDIR record cannot be read ({type(exc).__name__})")
+            continue
         if not parts:
             continue
         parts = [parts] if isinstance(parts, str) else list(parts)
-        rel = "/".join(str(p).strip() for p in parts)
+        if any("\0" in str(p) for p in parts):
+            yield Rejection("/".join(str(p).replace("\0", "") for p in parts), "bad_path",
+                            "the DICOMDIR names a file with a NUL character in its path")
+            continue
+        path = folder.joinpath(*[str(p).strip() for p in parts])
+        rel = os.path.relpath(path, base)
         if rel in seen:
             continue
         seen.add(rel)
-        path = base.joinpath(*[str(p).strip() for p in parts])
         if not path.exists():  # DICOMDIRs written on Windows/ISO media may differ in case
             matches = [c for c in path.parent.glob("*") if c.name.upper() == path.name.upper()] if path.parent.is_dir() else []
             path = matches[0] if matches else path
@@ -149,25 +197,27 @@ def _header_of(path: Path, rel: str, secret: bytes, options: DicomOptions) -> In
     try:
         ds = read_header(path, options)
         _, _, frames, _, _ = check_header(ds, options)
+        # pydicom converts values when they are first read: a damaged one raises here, not above
+        pid = str(ds.get("PatientID", "") or "").strip()
+        study = str(ds.get("StudyInstanceUID", "") or "").strip()
+        series = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        modality = str(ds.get("Modality", "") or "").strip()
+        try:
+            number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+        except (TypeError, ValueError):
+            number = None
+        position = _slice_position(ds)
     except DicomReadError as exc:
         code = exc.code if preamble or exc.code != "corrupt_dicom" else "not_dicom"
         reason = str(exc) if code != "not_dicom" else "not a DICOM file (no DICM preamble, no readable header)"
         return Rejection(rel, code, reason)
     except Exception as exc:  # odd headers: a rejection, never a crash
         return Rejection(rel, "corrupt_dicom", f"DICOM header could not be read ({type(exc).__name__})")
-    pid = str(ds.get("PatientID", "") or "").strip()
-    study = str(ds.get("StudyInstanceUID", "") or "").strip()
-    series = str(ds.get("SeriesInstanceUID", "") or "").strip()
-    try:
-        number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
-    except (TypeError, ValueError):
-        number = None
     return InstanceHeader(path=path, rel=rel,
                           patient=pseudonym(pid, secret, "patient") if pid else "pt-unknown",
                           study=pseudonym(study, secret, "uid") if study else "unknown",
                           series=pseudonym(series, secret, "uid") if series else "unknown",
-                          modality=str(ds.get("Modality", "") or "").strip(), frames=frames,
-                          position=_slice_position(ds), instance_number=number)
+                          modality=modality, frames=frames, position=position, instance_number=number)
 
 
 def order_slices(instances: list[InstanceHeader]) -> list[InstanceHeader]:

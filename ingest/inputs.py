@@ -8,14 +8,20 @@ records its absolute input root, and the reading options that shape the pixels (
 PDF resolution), in this small JSON file inside the collection folder::
 
     {"version": 1, "runs": {"<run id>": {"kind": "images" | "dicom" | "pdf" | "text",
-                                          "root": "/abs/folder", "time": "...Z", ...options}}}
+                                          "root": "/abs/folder", "time": "...Z", ...options}},
+     "source_paths": "relative" | "hashed" | "none",
+     "paths": {"path-<hash>": "relative/path", ...}}
 
 It is a local file of the user's own collection: it is never copied into the items table or
-the ledger, and nothing prints it (search and ask output name items by id and relative source).
+the ledger, and nothing prints it (search and ask output name items by id and stored source).
 The ledger (``Collection.ledger``) maps item id -> run id. Each record also says how the input
 was read (manifest and its label/text columns, DICOM unit and pooling, PDF items, corpus file
 and fields), so that ``caselens verify --repair --reingest`` can read the input of a run again
 and store the items a repair could not save (:mod:`caselens.ingest.reingest`).
+
+``source_paths`` is how the collection names its input files (:mod:`caselens.ingest.source_paths`)
+and ``paths`` maps the keyed hashes a ``hashed`` collection stores back to relative paths, so
+that images can be found again.
 """
 
 from __future__ import annotations
@@ -39,9 +45,7 @@ def inputs_path(collection_root: Path) -> Path:
     return Layout(Path(collection_root)).inputs_file
 
 
-def read_runs(collection_root: Path) -> dict[str, dict[str, Any]]:
-    """run id -> {kind, root, time, options...} of every run that recorded its input root, in the
-    order they were recorded (oldest first); empty when there is no (readable) inputs file."""
+def _read(collection_root: Path) -> dict[str, Any]:
     path = inputs_path(collection_root)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -50,7 +54,18 @@ def read_runs(collection_root: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError) as exc:
         log.debug("inputs file of %s unreadable (%s); input roots unknown", Path(collection_root).name, exc)
         return {}
-    runs = data.get("runs") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _write(collection_root: Path, data: dict[str, Any]) -> None:
+    data = {**data, "version": VERSION}
+    atomic_write_bytes(inputs_path(collection_root), json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def read_runs(collection_root: Path) -> dict[str, dict[str, Any]]:
+    """run id -> {kind, root, time, options...} of every run that recorded its input root, in the
+    order they were recorded (oldest first); empty when there is no (readable) inputs file."""
+    runs = _read(collection_root).get("runs")
     if not isinstance(runs, dict):
         return {}
     return {str(k): v for k, v in runs.items() if isinstance(v, dict) and isinstance(v.get("root"), str)}
@@ -59,12 +74,37 @@ def read_runs(collection_root: Path) -> dict[str, dict[str, Any]]:
 def record_run(collection_root: Path, run_id: str, record: dict[str, Any]) -> None:
     """Add ``run_id`` -> ``record`` ({kind, root, ...}) to the inputs file, atomically.
 
-    Call with the collection's write lock held (the ingest runner does), so that two runs do not
-    both read the old file and one of their records is lost."""
+    A ``paths`` map in the record (hash -> relative path, from a ``hashed`` source) joins the
+    collection's map instead. Call with the collection's write lock held (the ingest runner
+    does), so that two runs do not both read the old file and one of their records is lost."""
+    data = _read(collection_root)
+    record = dict(record)
+    paths = record.pop("paths", None)
     runs = read_runs(collection_root)
     runs[run_id] = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.dumps({"version": VERSION, "runs": runs}, indent=1, sort_keys=True).encode()
-    atomic_write_bytes(inputs_path(collection_root), data)
+    data["runs"] = runs
+    if isinstance(paths, dict) and paths:
+        data["paths"] = {**(data.get("paths") if isinstance(data.get("paths"), dict) else {}), **paths}
+    _write(collection_root, data)
+
+
+def read_paths(collection_root: Path) -> dict[str, str]:
+    """Keyed path hash -> relative path, for the files of ``hashed`` runs (empty when none)."""
+    paths = _read(collection_root).get("paths")
+    return {str(k): str(v) for k, v in paths.items()} if isinstance(paths, dict) else {}
+
+
+def read_source_paths(collection_root: Path) -> str | None:
+    """The collection's ``source_paths`` setting, or None when it has none recorded."""
+    mode = _read(collection_root).get("source_paths")
+    return mode if isinstance(mode, str) else None
+
+
+def write_source_paths(collection_root: Path, mode: str) -> None:
+    """Record the collection's ``source_paths`` setting (with its write lock held)."""
+    data = _read(collection_root)
+    data["source_paths"] = mode
+    _write(collection_root, data)
 
 
 def input_record(source: Any) -> dict[str, Any] | None:

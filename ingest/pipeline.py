@@ -6,7 +6,8 @@ batch at a time and written in larger groups (:attr:`IngestConfig.write_items` i
 :attr:`IngestConfig.write_seconds` seconds, whichever comes first: one LanceDB table version per
 group, not per batch); a group's ledger rows are written after its items. So a run killed
 midway loses at most the group not yet written, and a re-run continues by skipping what is
-stored (items written without their ledger rows are met as ``duplicate``). An error raised in
+stored (items written without their ledger rows get them then: ``accepted``, ``recovered``; see
+:mod:`caselens.indexes.ledger`). An error raised in
 the run writes the groups finished before it first.
 """
 
@@ -23,13 +24,15 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from caselens.errors import BadVectorError, ConfigError, UnsupportedModalityError
+from caselens.errors import BadVectorError, ConfigError, DiskFullError, UnsupportedModalityError
+from caselens.files import disk_full
 from caselens.indexes import derived
 from caselens.indexes.collection import Collection, LedgerEntry, MetadataTypeError
 from caselens.indexes.faiss_index import IndexStamp
 from caselens.ingest.embed import encode_items
 from caselens.ingest.encoders.base import Encoder
 from caselens.ingest.items import Item, Rejection, Source
+from caselens.ingest.source_paths import apply_source_paths
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +182,43 @@ def check_run(source: Source, collection: Collection, encoder: Encoder, config: 
             f"{source.kind} items; choose an encoder for {source.kind}")
 
 
+def name_inputs(source: Source, collection: Collection) -> None:
+    """Give a source with input files the collection's way of naming them (relative, hashed or
+    none: :mod:`caselens.ingest.source_paths`); the first ingest fixes the collection's setting."""
+    if hasattr(source, "paths"):
+        apply_source_paths(source, collection)
+
+
+def full_disk(exc: BaseException, collection: Collection) -> DiskFullError | None:
+    """The :class:`DiskFullError` naming ``collection`` that ``exc`` amounts to, or None when it
+    is no full disk."""
+    if isinstance(exc, DiskFullError):
+        return DiskFullError(f"collection {collection.name!r} ({collection.root}): {exc}")
+    if disk_full(exc):
+        return DiskFullError(f"collection {collection.name!r} ({collection.root}): no space left on the device "
+                             "while writing; what was stored before is intact: free space and run the same ingest "
+                             "again (it continues where this one stopped)")
+    return None
+
+
 def ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None = None) -> IngestReport:
-    """Read ``source``, embed its items with ``encoder`` and store them in ``collection``."""
+    """Read ``source``, embed its items with ``encoder`` and store them in ``collection``.
+
+    A full disk raises :class:`DiskFullError` naming the collection: what earlier groups stored
+    is kept, and the same call with space continues where this one stopped."""
+    try:
+        return _ingest(source, collection, encoder, config)
+    except Exception as exc:
+        full = full_disk(exc, collection)
+        if full is not None:
+            raise full from None
+        raise
+
+
+def _ingest(source: Source, collection: Collection, encoder: Encoder, config: IngestConfig | None) -> IngestReport:
     config = config or IngestConfig()
     check_run(source, collection, encoder, config)
+    name_inputs(source, collection)
     report = IngestReport(run_id=uuid.uuid4().hex[:12], collection=collection.name, root=collection.root)
     start = time.perf_counter()
     limit = encoder.max_tokens() if source.kind == "text" else None
@@ -265,8 +301,10 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         except BaseException:
             try:  # keep what finished before the error (a kill cannot, a re-run redoes it)
                 writer.flush()
-            except Exception:  # the original error is the one to see
-                log.exception("ingest run %s: writing the finished batches failed", report.run_id)
+            except Exception as exc:  # the original error is the one to see
+                log.error("ingest run %s: writing the finished batches failed too (%s)", report.run_id,
+                          str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
             raise
         writer.flush()
         if report.accepted:

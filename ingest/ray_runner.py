@@ -54,7 +54,7 @@ from caselens.indexes.rows import MetadataTypeError, arrow_rows, table_row
 from caselens.ingest.encoders.base import Encoder
 from caselens.ingest.items import Source
 from caselens.ingest.pipeline import (ID_SET_MAX, IngestConfig, IngestReport, check_run, finish_run,
-                                      record_inputs)
+                                      name_inputs, record_inputs)
 from caselens.ingest.ray_stages import (DUPLICATE_REASON, EncodeActor, RowCounter, SecretRef, fault, read_headers,
                                         read_parts, write_batch)
 
@@ -226,6 +226,7 @@ def ingest(source: Source, collection: Collection, encoder: Encoder, config: Ing
         if not callable(getattr(source, method, None)):
             raise TypeError(f"{type(source).__name__} cannot be read in parts (no {method}()); ingest it "
                             "with the local runner")
+    name_inputs(source, collection)  # the same path naming as the local runner (ingest.source_paths)
     connect(rc.address, rc.runtime_env)
     report = IngestReport(run_id=uuid.uuid4().hex[:12], collection=collection.name, root=collection.root)
     start_time = time.perf_counter()

@@ -112,14 +112,24 @@ def _item_outcome(it: Item, status: str, code: str = "", reason: str = "") -> st
 
 
 # ------------------------------------------------------------------ stages
+def _give_key(reader: Any, secret: SecretRef) -> None:
+    """Give a part reader (sent without the collection's key) the key where it runs: for its
+    pseudonyms, and for its path naming when the collection hashes input paths
+    (:mod:`caselens.ingest.source_paths`: the same names as a local ingest)."""
+    if hasattr(reader, "secret") and not reader.secret:
+        reader.secret = secret.get()
+    paths = getattr(reader, "paths", None)
+    if paths is not None and not paths.secret and paths.mode != "relative":
+        reader.paths = paths.keyed(secret.get())
+
+
 def read_parts(batch: dict[str, np.ndarray], *, reader: Any, secret: SecretRef, chunking: dict | None,
                record: dict[str, Any], stored: Any, uri: str) -> dict[str, np.ndarray]:
     """Read stage: the items and rejections of each part; items whose id is stored already are
     duplicates here (never encoded). ``stored``: the ids stored when the run began (a Ray object,
     read once per process), or None for collections too large for that (asked of the table)."""
     fault("read")
-    if hasattr(reader, "secret") and not reader.secret:
-        reader.secret = secret.get()
+    _give_key(reader, secret)
     if chunking is not None and getattr(reader, "chunker", None) is None:
         reader.chunker = chunker_for(worker_encoder(record), chunking["max_tokens"], chunking["overlap"])
     got: list[Item | Rejection] = []
@@ -150,8 +160,7 @@ def read_parts(batch: dict[str, np.ndarray], *, reader: Any, secret: SecretRef, 
 def read_headers(reader: Any, secret: SecretRef, files: list) -> list:
     """Headers of DICOM ``files`` (path, relative name), read by a part reader (see
     ``DicomSource.read_headers``): what series and study units are planned from."""
-    if not reader.secret:
-        reader.secret = secret.get()
+    _give_key(reader, secret)
     return reader.read_headers(files)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from caselens.indexes.collection import Collection
-from caselens.ingest.inputs import read_runs
+from caselens.ingest.inputs import read_paths, read_runs
 from caselens.ingest.runner import IngestRequest, run_ingest
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def _dicom_files(collection: Collection, run_id: str, root: Path) -> list[Path]:
     under ``root``."""
     rows = [r for r in collection.ledger(run_id=run_id) if r["status"] == "accepted" and r["item_id"]]
     stored = collection.existing_ids({r["item_id"] for r in rows})
-    names = sorted({r["input"] for r in rows if r["item_id"] not in stored})
+    hashed = read_paths(collection.root)  # a collection that hashes its input paths (ingest.source_paths)
+    names = sorted({hashed.get(r["input"], r["input"]) for r in rows if r["item_id"] not in stored})
     return [root / n for n in names if n and ".." not in Path(n).parts and not Path(n).is_absolute()]
 
 
@@ -75,7 +76,8 @@ def request_for(record: dict[str, Any], files: list[Path] | None = None) -> tupl
         return IngestRequest(images=root, label_from_folder=bool(record.get("label_from_folder")), window=window,
                              allow_burned_in=burned, progress=False), ""
     if kind == "dicom":
-        targets: list[Path] | Path = [f for f in files or [] if f.exists()] or root
+        roots = [Path(r) for r in record.get("roots") or ()]  # several folders ingested together
+        targets: list[Path] | Path = [f for f in files or [] if f.exists()] or (roots if len(roots) > 1 else root)
         return IngestRequest(dicom=targets, unit=record.get("unit", "instance"), slices=int(record.get("slices", 8)),
                              pooling=record.get("pooling"), window=window, allow_burned_in=burned, progress=False), ""
     if kind == "pdf":

@@ -22,12 +22,13 @@ from caselens.ingest.chunking import ChunkingError, chunker_for, stored_chunking
 from caselens.ingest.encoders import Encoder, load_encoder, load_from_record
 from caselens.ingest.encoders.text import DEFAULT_TEXT_ENCODER
 from caselens.ingest.pipeline import IngestConfig, IngestReport, ingest
+from caselens.ingest.source_paths import check_mode
 from caselens.ingest.sources.dicom import DicomOptions
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
-from caselens.ingest.sources.image_folder import ImageSource
+from caselens.ingest.sources.image_folder import ImageSource, ImageSourceConfig
 from caselens.ingest.sources.pdf import PdfOptions, PdfSource
-from caselens.ingest.sources.text_corpus import TextCorpusSource
-from caselens.ingest.sources.text_folder import TextFolderSource
+from caselens.ingest.sources.text_corpus import TextCorpusConfig, TextCorpusSource
+from caselens.ingest.sources.text_folder import TextFolderConfig, TextFolderSource
 from caselens.ingest.volumes import pooled_record
 
 DEFAULT_IMAGE_ENCODER = "classic"
@@ -76,6 +77,8 @@ class IngestRequest:
     build_index: bool = True
     progress: bool = True  # a progress bar on the terminal
     on_progress: Callable[[int, int | None], None] | None = None  # called with (inputs done, inputs expected)
+    source_paths: str | None = None  # "relative" | "hashed" | "none": how input files are named
+    # (None: the collection's setting, else hashed for DICOM and manifests with patient_id; see ingest.source_paths)
     runner: str = "local"  # "local": this process; "ray": Ray Data tasks and encoder actors (docs/scaling.md)
     address: str | None = None  # runner "ray": None starts a local Ray, "auto" joins the running cluster, ray://...
     encoder_workers: int = 1  # runner "ray": encoder actors, each holding one copy of the model
@@ -96,6 +99,7 @@ class IngestRequest:
             raise SourceError("batch_size and write_items must be at least 1")
         if self.runner not in ("local", "ray"):
             raise SourceError(f"runner {self.runner!r}: use 'local' or 'ray'")
+        check_mode(self.source_paths)
 
     @property
     def source_kind(self) -> str:
@@ -153,19 +157,12 @@ def _dicom_source(request: IngestRequest, existing: Collection | None, secret: b
         raise SourceError("pooling maxmean pools the slices of a series or study: use unit series or study "
                           "(--unit series)")
     config = DicomSourceConfig(unit=request.unit, slices=request.slices, pooling=pooling, workers=request.workers,
-                               options=_dicom_options(request, existing))
+                               options=_dicom_options(request, existing), source_paths=request.source_paths)
     paths = _paths(request.dicom)
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise SourceError(f"dicom: no such file or folder: {', '.join(missing)}")
-    if len(paths) == 1 and (paths[0].is_dir() or paths[0].name.upper() == "DICOMDIR"):
-        return DicomSource(paths[0], secret, config=config)
-    files = [p.resolve() for p in paths]
-    folders = [str(p) for p in files if p.is_dir()]
-    if folders:
-        raise SourceError(f"dicom: give one export folder or DICOMDIR, or DICOM files; got folders {', '.join(folders)} "
-                          "among several paths")
-    return DicomSource(Path(os.path.commonpath([str(f.parent) for f in files])), secret, config=config, files=files)
+    if not any(p.exists() for p in paths):  # a typo, not an input to record: nothing given exists
+        raise SourceError(f"dicom: no such file or folder: {', '.join(str(p) for p in paths)}")
+    # one or several folders, DICOMDIRs and files (a path that is missing gets its ledger row)
+    return DicomSource(paths if len(paths) > 1 else paths[0], secret, config=config)
 
 
 def _source(request: IngestRequest, encoder: Encoder, existing: Collection | None, secret: bytes,
@@ -175,19 +172,21 @@ def _source(request: IngestRequest, encoder: Encoder, existing: Collection | Non
         chunker = _chunker(request, encoder, existing, notes)
         path = Path(request.text).expanduser()
         if path.is_dir():
-            return TextFolderSource(path, chunker=chunker)
-        return TextCorpusSource(path, request.id_field, request.text_field, limit=request.limit, chunker=chunker)
+            return TextFolderSource(path, chunker=chunker, config=TextFolderConfig(source_paths=request.source_paths))
+        return TextCorpusSource(path, request.id_field, request.text_field, limit=request.limit, chunker=chunker,
+                                config=TextCorpusConfig(source_paths=request.source_paths))
     if kind == "pdf":
         chunker = _chunker(request, encoder, existing, notes) if request.pdf_items == "chunks" else None
         return PdfSource(Path(request.pdf).expanduser(),
-                         PdfOptions(items=request.pdf_items, dpi=request.dpi, ocr=request.ocr), chunker=chunker)
+                         PdfOptions(items=request.pdf_items, dpi=request.dpi, ocr=request.ocr,
+                                    source_paths=request.source_paths), chunker=chunker)
     if kind == "dicom":
         return _dicom_source(request, existing, secret)
     source = ImageSource(root=Path(request.images).expanduser() if request.images is not None else None,
                          manifest=Path(request.manifest).expanduser() if request.manifest is not None else None,
                          secret=secret, label_from_folder=request.label_from_folder,
                          dicom_options=_dicom_options(request, existing), label_column=request.label_column,
-                         text_column=request.text_column)
+                         text_column=request.text_column, config=ImageSourceConfig(source_paths=request.source_paths))
     notes.extend(source.notes)
     return source
 
@@ -237,5 +236,9 @@ def run_ingest(name: str, request: IngestRequest, home: Path | str | None = None
                                       gpus_per_worker=request.gpus_per_worker))
     else:
         report = ingest(source, collection, encoder, config)
+    mode = getattr(getattr(source, "paths", None), "mode", "relative")  # set by the run: ingest.source_paths
+    if mode != "relative":
+        notes.append(f"input paths are stored {'as keyed hashes' if mode == 'hashed' else 'nowhere'} "
+                     f"(source paths {mode}; the collection keeps this setting)")
     report.notes[:0] = notes
     return report

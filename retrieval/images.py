@@ -1,9 +1,10 @@
 """Images of retrieved items for vision-language generators: the file a case or page came from,
 found again, checked and, where a VLM cannot read it, decoded to a PNG.
 
-Items store their source relative to the folder they were ingested from; each ingest run notes
-that folder in the collection's local inputs file (:mod:`caselens.ingest.inputs`) and the ledger
-says which runs read an item. For a search hit this module returns a path to a PNG or JPEG
+Items store their source relative to the folder they were ingested from (or, in collections
+with ``--source-paths hashed``, a keyed hash of it, which the collection's local inputs file
+maps back); each ingest run notes that folder in the local inputs file
+(:mod:`caselens.ingest.inputs`) and the ledger says which runs read an item. For a search hit this module returns a path to a PNG or JPEG
 file that shows what the item's vector was computed from:
 
 * image files (image folders, manifests): ``root / source`` itself, once its sha256 is found
@@ -38,7 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image
 
 from caselens.files import atomic_write_bytes, sha256_file
-from caselens.ingest.inputs import read_runs
+from caselens.ingest.inputs import read_paths, read_runs
 from caselens.ingest.items import content_id
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class _Resolver:
     def __init__(self, collection: Any, ids: Sequence[str]):
         self.collection = collection
         self.runs = read_runs(collection.root)
+        self.paths = read_paths(collection.root)  # keyed hash -> relative path (hashed collections)
         self.rows: list[dict[str, Any]] = []
         if self.runs:
             try:
@@ -174,9 +176,15 @@ class _Resolver:
                  + [run for run in newest_first if run not in met])
         return [(run, self.runs[run]) for run in order]
 
+    def _real(self, name: str) -> str:
+        """The relative path a stored name stands for (itself unless it is a keyed hash)."""
+        return self.paths.get(name, name)
+
     def _candidates(self, hit: Any, rel: str, kinds: Iterable[str]) -> Iterator[tuple[Path, dict[str, Any] | None]]:
-        """Paths ``rel`` may be at: itself when absolute (collections of absolute sources), else
-        under each recorded root of the runs that may hold the item. Never outside a root."""
+        """Paths ``rel`` (a stored name) may be at: itself when absolute (collections of absolute
+        sources), else under each recorded root of the runs that may hold the item. Never
+        outside a root."""
+        rel = self._real(rel)
         if not rel:
             return
         if Path(rel).is_absolute():
@@ -276,11 +284,13 @@ class _Resolver:
         if not slices:
             return None
         rel, frame = slices[len(slices) // 2]
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        rel = self._real(str(rel or ""))
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
             return None
         changed = False
         for run_id, run in self._runs_for(hit.id, ("dicom",)):
-            members = sorted({r["input"] for r in self.rows if r["item_id"] == hit.id and r["run_id"] == run_id})
+            members = sorted({self._real(r["input"]) for r in self.rows
+                              if r["item_id"] == hit.id and r["run_id"] == run_id})
             root = Path(run["root"])
             if not members or any(".." in Path(m).parts or Path(m).is_absolute() for m in members):
                 continue

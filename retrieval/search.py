@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from caselens.csv_safe import write_csv
 from caselens.errors import QueryError
 from caselens.indexes.collection import Collection, quote
 from caselens.indexes.reader import ReadView, reader_of
@@ -110,6 +111,15 @@ class SearchResult:
             row["provenance"] = json.dumps(h.provenance, sort_keys=True)
             out.append(row)
         return out
+
+    def to_csv(self, path: str | Path) -> int:
+        """Write :meth:`records` to a CSV file (atomically); cells that a spreadsheet would run as
+        formulas (``=cmd|...`` from a manifest) are neutralised (:mod:`caselens.csv_safe`).
+        Returns the rows written."""
+        records = self.records()
+        columns = ["rank", "score", "id", "kind", "label", "source", "text"]
+        columns += sorted({k for r in records for k in r} - set(columns) - {"provenance"}) + ["provenance"]
+        return write_csv(path, columns, records)
 
     def to_arrow(self) -> pa.Table:
         """The hits as an Arrow table (one row per hit; see :meth:`records`)."""
@@ -357,14 +367,14 @@ def prepare_query(collection: Collection, view: ReadView, *, image: ImageQuery |
         if image is not None and isinstance(image, (str, Path)) and Path(image).expanduser().is_dir():
             item = read_query_series(Path(image).expanduser(), collection)  # a series or study folder
             query = encode_items(encoder, [item])[0]
-            desc = f"{item.provenance.get('unit', 'series')} {Path(image).name} ({len(item.volume.slices)} slices)"
+            desc = f"{item.provenance.get('unit', 'series')} {item.id} ({len(item.volume.slices)} slices)"  # not its folder's name
             stored_id, metadata = (item.id or None), item.metadata
             if exclude_self and stored_id and snapshot.row_of(stored_id) is not None:
                 exclude_ids.append(stored_id)
         elif image is not None:
             item = read_query_image(image, collection)
             query = _shape(collection, encoder.encode_images([item.image]))[0]
-            desc = f"image {Path(image).name}" if isinstance(image, (str, Path)) else "image"
+            desc = f"image {item.id}" if item.id else "image"  # its content id: a file name may name a patient
             stored_id, metadata = (item.id or None), item.metadata
             if exclude_self and stored_id and snapshot.row_of(stored_id) is not None:
                 exclude_ids.append(stored_id)

@@ -13,6 +13,7 @@ import pytest
 import caselens
 from caselens.errors import CollectionNotFoundError, PseudonymKeyError, QueryError
 from caselens.ingest.deid import pseudonym
+from caselens.ingest.items import content_id, sha256_file
 from caselens.ingest.sources import ImageSource
 from tests.conftest import ROOT, make_images
 
@@ -36,7 +37,9 @@ def test_the_documented_example_runs_as_written(tmp_path: Path, monkeypatch: pyt
     scope: dict = {}
     exec(compile(_documented_example(), "docs/api.md", "exec"), scope)  # noqa: S102 - our own documentation
     hits, answer, quality = scope["hits"], scope["answer"], scope["quality"]
-    twin = scope["cases"].storage.rows("source = 'stripes_1.png'", ["id", "patient_id"]).to_pylist()[0]
+    # the manifest names patients, so the collection stores keyed hashes of its paths: found by content
+    twin_id = content_id(sha256_file(data / "images" / "stripes_1.png"))
+    twin = scope["cases"].storage.rows(f"id = '{twin_id}'", ["id", "patient_id"]).to_pylist()[0]
     assert len(hits) == 5 and hits[0].label == "stripes"  # the training-free features still find the class
     assert all(h.metadata.get("patient_id") != twin["patient_id"] and h.id != twin["id"] for h in hits)
     assert "asthma" in answer.answer.lower() and answer.grounding["cited"]

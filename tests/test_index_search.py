@@ -18,13 +18,15 @@ from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource
 from caselens.ingest.encoders import load_encoder
 from caselens.retrieval.search import search, search_vector
+from caselens.ingest.sources.image_folder import ImageSourceConfig
 
 
 @pytest.fixture
 def cases(home: Path, image_folder: Path) -> Collection:
     enc = load_encoder("classic")
     coll = Collection.create("cases", enc.info.to_record(), home)
-    ingest(ImageSource(manifest=image_folder / "manifest.csv", secret=coll.secret()), coll, enc,
+    relative = ImageSourceConfig(source_paths="relative")  # results are checked by file name
+    ingest(ImageSource(manifest=image_folder / "manifest.csv", secret=coll.secret(), config=relative), coll, enc,
            IngestConfig(progress=False))
     return coll
 

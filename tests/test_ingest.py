@@ -15,6 +15,7 @@ from caselens.indexes.collection import Collection
 from caselens.ingest.items import Item
 from caselens.ingest.pipeline import IngestConfig, ingest
 from caselens.ingest.sources import ImageSource, TextCorpusSource, read_dicom
+from caselens.ingest.sources.image_folder import ImageSourceConfig
 from caselens.ingest.encoders import load_encoder
 
 KEY = bytes(range(32))  # a pseudonym key (collections make their own)
@@ -26,8 +27,9 @@ def _ingest_folder(home: Path, folder: Path, name: str = "cases", manifest: bool
     enc = load_encoder(encoder)
     coll = (Collection.open(name, home) if Collection.exists(name, home)
             else Collection.create(name, enc.info.to_record(), home))
-    src = ImageSource(manifest=folder / "manifest.csv", secret=coll.secret()) if manifest else \
-        ImageSource(folder, secret=coll.secret())
+    relative = ImageSourceConfig(source_paths="relative")  # the tests name inputs by their paths
+    src = ImageSource(manifest=folder / "manifest.csv", secret=coll.secret(), config=relative) if manifest else \
+        ImageSource(folder, secret=coll.secret(), config=relative)
     return coll, ingest(src, coll, enc, QUIET)
 
 

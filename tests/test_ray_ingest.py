@@ -20,6 +20,7 @@ import pytest
 from caselens.indexes.collection import Collection
 from caselens.ingest.encoders import load_encoder
 from caselens.ingest.pipeline import IngestConfig, ingest
+from caselens.ingest.source_paths import PathNamer
 from caselens.ingest.sources import ImageSource, TextCorpusSource
 from caselens.ingest.sources.dicom_source import DicomSource, DicomSourceConfig
 
@@ -117,9 +118,11 @@ def test_part_readers_carry_no_secret_and_no_inputs(tmp_path: Path) -> None:
     manifest = _image_inputs(tmp_path / "images")
     source = ImageSource(manifest=manifest, secret=b"s" * 32)
     reader = source.part_reader()
-    assert reader.secret == b"" and reader.rows is None and source.secret == b"s" * 32
+    # the manifest is streamed, never held: parts carry its rows, the reader only the file's name
+    assert reader.secret == b"" and reader.files is None and reader.paths.secret == b"" \
+        and source.secret == b"s" * 32
     parts = source.parts(4)
-    assert [len(p["rows"]) for p in parts] == [4, 4, 4, 4, 1]
+    assert [len(p["inputs"]) for p in parts] == [4, 4, 4, 4, 1]
     reader.secret = b"s" * 32
     assert [it.id if hasattr(it, "id") else it.reason_code for p in parts for it in reader.read_part(p)] == \
         [it.id if hasattr(it, "id") else it.reason_code for it in source]
@@ -163,9 +166,12 @@ def test_chunked_text_corpus_same_table_and_ledger_as_local(ray_cluster, home: P
     _assert_same(local, distributed)
 
 
-def _expected(manifest: Path, classic) -> tuple[set[str], set[str]]:
-    """Ids a clean run stores and the inputs its ledger names."""
-    items = list(ImageSource(manifest=manifest, secret=b"k" * 32))
+def _expected(manifest: Path, secret: bytes = b"k" * 32) -> tuple[set[str], set[str]]:
+    """Ids a clean run stores and the inputs its ledger names: the manifest names patients, so a
+    collection with key ``secret`` names its files by keyed hashes (ingest.source_paths)."""
+    source = ImageSource(manifest=manifest, secret=secret)
+    source.paths = PathNamer("hashed", secret)
+    items = list(source)
     return {it.id for it in items if hasattr(it, "id")}, {it.input for it in items}
 
 
@@ -182,8 +188,8 @@ def _exactly_once(col: Collection, ids: set[str], inputs: set[str], run_id: str 
 def test_worker_killed_mid_run_then_rerun_stores_every_item_once(ray_cluster, home: Path, tmp_path: Path,
                                                                   classic) -> None:
     manifest = _image_inputs(tmp_path / "images")
-    ids, inputs = _expected(manifest, classic)
     col = Collection.create("faulty", classic.info.to_record(), home)
+    ids, inputs = _expected(manifest, col.secret())
     (ray_cluster / "encode").touch()  # the first encoder call dies (os._exit): Ray restarts the actor
     (ray_cluster / "read").touch()  # and the first read task dies: Ray runs it again
     report = ray_runner.ingest(ImageSource(manifest=manifest, secret=col.secret()), col, classic,
@@ -201,7 +207,7 @@ def test_driver_killed_after_first_commit_then_rerun_stores_every_item_once(ray_
     import ray
 
     manifest = _image_inputs(tmp_path / "images")
-    ids, inputs = _expected(manifest, classic)
+    ids, _ = _expected(manifest)
     (ray_cluster / "commit").touch()  # the driver SIGKILLs itself right after its first commit
     cmd = [sys.executable, "-m", "caselens.cli", "--home", str(home), "ingest", "col", "--manifest",
            str(manifest), "--runner", "ray", "--address", ray.get_runtime_context().gcs_address,
@@ -218,4 +224,4 @@ def test_driver_killed_after_first_commit_then_rerun_stores_every_item_once(ray_
     stored = col.rows(columns=["id", "_row"])
     assert sorted(stored.column("id").to_pylist()) == sorted(ids)
     assert len(set(stored.column("_row").to_pylist())) == stored.num_rows
-    assert {r["input"] for r in col.ledger(report.run_id)} == inputs
+    assert {r["input"] for r in col.ledger(report.run_id)} == _expected(manifest, col.secret())[1]

@@ -12,18 +12,24 @@ frames (volumes); the frame indices are kept in the provenance.
 Safety: the header is read without pixels first; a file over the size limit, a pixel budget
 (rows x columns x frames x samples x bits) over the limit, or ``BurnedInAnnotation = YES``
 (unless allowed) is rejected before any decoding, so a hostile header cannot make us allocate.
-Decoding runs under a wall-clock bound (checked when the decoder returns to Python).
+Decoding runs under a wall-clock bound (checked when the decoder returns to Python). GDCM, which
+aborts the whole process on some damaged JPEG data (an uncaught C++ exception: no Python code can
+catch it), is tried last, after the plugins that fail with an exception, and in a child process
+(:func:`decode_isolated`), so that its crash rejects the file instead of ending the ingest.
 Metadata: only what :func:`caselens.ingest.deid.kept_metadata` keeps (PS3.15 basic profile).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
 import logging
+import os
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +199,8 @@ def read_header(path: Path, options: DicomOptions | None = None) -> Any:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
             IndexError, OverflowError, MemoryError, NotImplementedError) as exc:
         raise DicomReadError("corrupt_dicom", f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # pydicom's own errors on damaged values (BytesLengthException, ...)
+        raise DicomReadError("corrupt_dicom", f"not a readable DICOM file ({type(exc).__name__})") from None
     return ds
 
 
@@ -267,8 +275,12 @@ def decode_frames(path: Path, secret: bytes, options: DicomOptions | None = None
         raise DicomReadError("timeout", f"reading took longer than {options.timeout_s:.0f}s; rejected") from None
     except MemoryError:
         raise DicomReadError("too_large", "not enough memory to decode this file") from None
-    except Exception as exc:  # any other failure on odd input is a rejection, never a crash
-        raise DicomReadError("corrupt_dicom", f"DICOM file could not be read ({type(exc).__name__}: {exc})") from None
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # any other failure on odd input is a rejection, never a crash; a Rust
+        # decoder's panic (pylibjpeg-rle: pyo3's PanicException) derives from BaseException, not Exception
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DicomReadError("corrupt_dicom", f"DICOM file could not be read ({type(exc).__name__}: {message})") from None
 
 
 def _decode(path: Path, secret: bytes, options: DicomOptions,
@@ -289,7 +301,7 @@ def _decode(path: Path, secret: bytes, options: DicomOptions,
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
             IndexError, OverflowError, NotImplementedError) as exc:
         raise DicomReadError("corrupt_dicom", f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
-    del data
+    raw, data = data, b""  # kept for a decoder that has to run in a child process
     _, _, n_frames, _, _ = check_header(ds, options)
     metadata = kept_metadata(ds, secret)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -302,7 +314,9 @@ def _decode(path: Path, secret: bytes, options: DicomOptions,
     else:
         indices = [int(i) for i in frames if 0 <= int(i) < n_frames] or [n_frames // 2]
     try:
-        arr = ds.pixel_array
+        arr = _pixels(ds, raw, options)
+    except DicomReadError:
+        raise
     except Exception as exc:  # decoders raise many types; every one is a rejection, never a crash
         if isinstance(exc, MemoryError) or "MemoryError" in str(exc) or "nable to allocate" in str(exc):
             raise DicomReadError("too_large", "not enough memory to decode this file within the "
@@ -330,6 +344,120 @@ def _decode(path: Path, secret: bytes, options: DicomOptions,
     if metadata.get("burned_in_annotation") is None:
         metadata.pop("burned_in_annotation", None)
     return images, metadata, prov
+
+
+# Pixel decoders that can end the process on damaged input instead of raising (GDCM: std::terminate
+# on an uncaught gdcm::Exception, e.g. in gdcmJPEGBITSCodec). Tried after the others, isolated.
+RISKY_PLUGINS = ("gdcm",)
+
+
+def _pixels(ds: Any, raw: bytes, options: DicomOptions) -> np.ndarray:
+    """The pixel array of ``ds``: pydicom's decoders for its transfer syntax in turn, those of
+    :data:`RISKY_PLUGINS` last and in a child process (:func:`decode_isolated`)."""
+    from pydicom.pixels import get_decoder
+
+    tsuid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        decoder = get_decoder(tsuid) if tsuid else None
+    except (NotImplementedError, ValueError, KeyError):
+        decoder = None
+    plugins = list(decoder.available_plugins) if decoder is not None and decoder.is_encapsulated else []
+    if not any(p in RISKY_PLUGINS for p in plugins):
+        return ds.pixel_array  # native pixels, or no risky decoder: pydicom's own order
+    failed: Exception | None = None
+    for plugin in (p for p in plugins if p not in RISKY_PLUGINS):
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except Exception as exc:  # this decoder cannot: the next one may
+            failed = exc
+    risky = next(p for p in plugins if p in RISKY_PLUGINS)
+    try:
+        return decode_isolated(raw, risky, options.timeout_s)
+    except DicomReadError:
+        raise
+    except Exception as exc:
+        raise failed or exc from None
+
+
+def _decode_with(raw: bytes, plugin: str) -> np.ndarray:
+    """The pixel array of a DICOM file's bytes decoded by ``plugin`` (runs in a child process)."""
+    import pydicom
+
+    with quiet_pydicom():
+        ds = pydicom.dcmread(io.BytesIO(raw), force=raw[128:132] != b"DICM")
+        ds.pixel_array_options(decoding_plugin=plugin)
+        return np.ascontiguousarray(ds.pixel_array)
+
+
+_ISOLATED: Any = None  # the process pool of decode_isolated, made on first use
+
+
+def exit_with_parent(pid: int, every_s: float = 0.5) -> None:
+    """In a worker process: end it (``os._exit``) soon after process ``pid`` is gone. A pool's
+    worker otherwise outlives a parent killed with SIGKILL (or ended by ``exit()`` from C, as
+    libFuzzer does), blocked on its task queue, and keeps the forkserver and the parent's
+    stdout alive with it."""
+
+    def alive() -> bool:
+        try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):  # no /proc: ask the kernel whether the number is taken
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(every_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _shutdown_isolated() -> None:
+    global _ISOLATED
+    if _ISOLATED is not None:
+        _ISOLATED.shutdown(wait=True, cancel_futures=True)
+        _ISOLATED = None
+
+
+def decode_isolated(raw: bytes, plugin: str, timeout_s: float = 120.0) -> np.ndarray:
+    """Decode the pixels of a DICOM file's bytes with ``plugin`` in a child process, so that a
+    decoder which aborts (rather than raising) rejects the file (``decoder_crashed``) instead of
+    ending this process. Inside a decoding worker (:mod:`caselens.ingest.sources.dicom_source`,
+    itself a child) the decoder runs in place: a crash there is already a rejection."""
+    global _ISOLATED
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+
+    if multiprocessing.parent_process() is not None:
+        return _decode_with(raw, plugin)
+    if _ISOLATED is None:
+        ctx = multiprocessing.get_context("forkserver")
+        _ISOLATED = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=exit_with_parent,
+                                        initargs=(os.getpid(),))
+        atexit.register(_shutdown_isolated)
+    try:
+        return _ISOLATED.submit(_decode_with, raw, plugin).result(timeout=timeout_s if timeout_s > 0 else None)
+    except BrokenProcessPool:
+        _ISOLATED.shutdown(wait=False, cancel_futures=True)
+        _ISOLATED = None
+        raise DicomReadError("decoder_crashed", f"the {plugin} decoder crashed on this file's pixel data "
+                                                "(damaged compressed data)") from None
+    except FutureTimeout:
+        _ISOLATED.shutdown(wait=False, cancel_futures=True)
+        for proc in list(getattr(_ISOLATED, "_processes", {}).values()):
+            proc.kill()
+        _ISOLATED = None
+        raise DicomReadError("timeout", f"decoding took longer than {timeout_s:.0f}s; rejected") from None
 
 
 def read_dicom(path: Path, secret: bytes,

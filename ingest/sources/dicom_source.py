@@ -29,13 +29,15 @@ from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from caselens.errors import ConfigError, SourceError
 from caselens.ingest.deid import check_key
-from caselens.ingest.dicom_scan import (InstanceHeader, header_of, is_nifti, order_slices, walk_inputs)
+from caselens.ingest.dicom_scan import (InstanceHeader, common_base, header_of, is_nifti, order_slices, walk_inputs,
+                                        walk_many)
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
-from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, decode_frames, is_dicom
+from caselens.ingest.source_paths import PathNamer, check_mode
+from caselens.ingest.sources.dicom import DicomOptions, DicomReadError, decode_frames, exit_with_parent, is_dicom
 from caselens.ingest.volumes import POOLINGS, UNITS, NiftiReadError, Volume, read_nifti, sample_indices
 
 
@@ -51,6 +53,8 @@ class DicomSourceConfig:
     prefetch: int = 512  # with workers: files decoded ahead of the encoder at most (plus 4 per worker)
     prefetch_bytes: int = 2 << 30  # ... and about this many bytes of their pixels (0: no bound; see ordered_map)
     options: DicomOptions = field(default_factory=DicomOptions)  # windowing, budgets, burned-in policy
+    max_files: int = 2_000_000  # files of one run at most; the rest are rejected together (too_many_files)
+    source_paths: str | None = None  # "relative" | "hashed" | "none"; None: the collection's (hashed for new ones)
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -64,6 +68,9 @@ class DicomSourceConfig:
         if self.prefetch < 1 or self.prefetch_bytes < 0:
             raise ConfigError(f"prefetch must be at least 1 and prefetch_bytes 0 or more, not "
                              f"{self.prefetch} and {self.prefetch_bytes}")
+        if self.max_files < 1:
+            raise ConfigError(f"max_files must be at least 1, not {self.max_files}")
+        check_mode(self.source_paths)
 
 
 def unit_id(digests: list[str], unit: str, slices: int, pooling: str, window: str) -> str:
@@ -114,14 +121,17 @@ def _nifti_task(path: str, rel: str, n_slices: int, options: DicomOptions) -> tu
         return Rejection(rel, "corrupt_nifti", f"NIfTI file could not be read ({type(exc).__name__})")
 
 
-def _worker_init(memory_bytes: int = 0) -> None:
+def _worker_init(memory_bytes: int = 0, parent: int = 0) -> None:
     """Decoding process setup: Ctrl-C is the parent's to handle; the address space may grow by
     at most ``memory_bytes`` beyond what the process holds now (0: no bound), so a decoder that
-    runs away fails with MemoryError (a ``too_large`` rejection) instead of exhausting the host."""
+    runs away fails with MemoryError (a ``too_large`` rejection) instead of exhausting the host;
+    the worker ends when the ``parent`` process is gone (a killed ingest leaves no orphans)."""
     import resource
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent:
+        exit_with_parent(parent)
     if memory_bytes > 0:
         try:
             with open("/proc/self/statm") as fh:
@@ -168,7 +178,7 @@ def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, wi
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                   initargs=(memory_bytes,))
+                                   initargs=(memory_bytes, os.getpid()))
 
     pending: OrderedDict[int, tuple[tuple, Future]] = OrderedDict()
     # With a pixel budget, the window holds as many tasks as results the size of the largest one
@@ -222,21 +232,50 @@ def ordered_map(fn: Callable[..., Any], tasks: Iterable[tuple], workers: int, wi
 
 
 class DicomSource:
-    """Items from a DICOM export (see the module docstring)."""
+    """Items from a DICOM export (see the module docstring): one folder or DICOMDIR, several
+    folders / DICOMDIRs / files (``root`` a list; named relative to their common folder), or
+    ``files`` under ``root``."""
 
     kind = "image"
+    pseudonymised_patients = True  # DICOM headers name patients: their ids are pseudonymised
 
-    def __init__(self, root: Path, secret: bytes, config: DicomSourceConfig | None = None,
+    def __init__(self, root: Path | Sequence[Path], secret: bytes, config: DicomSourceConfig | None = None,
                  files: list[Path] | None = None):
-        self.root = Path(root).expanduser()
+        roots = [Path(p).expanduser() for p in root] if isinstance(root, (list, tuple)) else [Path(root).expanduser()]
+        if not roots:
+            raise SourceError("give a DICOM folder, DICOMDIR or files")
+        self.roots = roots
+        self.root = roots[0] if len(roots) == 1 else common_base(roots)
         self.secret = check_key(secret)  # the collection's key: every pseudonym is keyed by it
         self.config = config or DicomSourceConfig()
         self.files = files
         self._inputs: list[tuple[Path, str] | Rejection] | None = None
+        self._where: dict[str, tuple[Path, str]] = {}  # stored name -> (file, relative path)
+        self.paths = PathNamer()  # how files are named in the collection; set for it by the runner
+
+    @property
+    def source_paths(self) -> str | None:
+        return self.config.source_paths
+
+    @property
+    def paths(self) -> PathNamer:
+        """How files are named in the collection (set for it by the runner; the inputs are then
+        walked and named again)."""
+        return self._paths
+
+    @paths.setter
+    def paths(self, namer: PathNamer) -> None:
+        old = getattr(self, "_paths", None)
+        self._paths = namer
+        if old is None or old.mode != namer.mode or (old.secret and old.secret != namer.secret):
+            self._inputs = None  # named otherwise now: walked and named again
+            self._where = {}
 
     @property
     def base(self) -> Path:
         """The folder relative to which inputs are named."""
+        if len(self.roots) > 1:
+            return self.root
         root = self.root.resolve()
         return root.parent if root.is_file() else root
 
@@ -247,22 +286,62 @@ class DicomSource:
         from dataclasses import asdict
 
         cfg = self.config
-        return {"kind": "dicom", "root": str(self.base), "unit": cfg.unit, "slices": cfg.slices,
-                "pooling": cfg.pooling, "dicom": asdict(cfg.options)}
+        inputs = self.inputs()  # names every file: a hashed collection's map is complete before the run
+        several = {"roots": [str(r.resolve()) for r in self.roots]} if len(self.roots) > 1 else {}
+        return {"kind": "dicom", "root": str(self.base), **several, "unit": cfg.unit, "slices": cfg.slices,
+                "pooling": cfg.pooling, "dicom": asdict(cfg.options), "files": len(inputs), **self.paths.record()}
 
     def inputs(self) -> list[tuple[Path, str] | Rejection]:
-        """The walked inputs (cached): (path, relative name) or rejections (symlinks, outside root...)."""
+        """The walked inputs (cached), under the names the collection stores (see ``paths``):
+        (path, name) or rejections (symlinks, outside root...); past ``max_files``, one
+        ``too_many_files`` rejection for the rest."""
         if self._inputs is None:
-            self._inputs = list(walk_inputs(self.root, self.files))
+            one = self.roots[0]
+            single = len(self.roots) == 1 and (one.is_dir() or one.name.upper() == "DICOMDIR")
+            walked = walk_inputs(self.root, self.files) if self.files is not None or single else walk_many(self.roots)
+            out: list[tuple[Path, str] | Rejection] = []
+            for entry in walked:
+                if len(out) >= self.config.max_files:
+                    out.append(Rejection(".", "too_many_files", f"the export holds more than {self.config.max_files} "
+                                         "files; the rest are not read (ingest it in parts)"))
+                    break
+                if isinstance(entry, Rejection):
+                    out.append(Rejection(self.paths.name(entry.input), entry.reason_code, entry.reason))
+                    continue
+                path, rel = entry
+                name = self.paths.name(rel)
+                self._where[name] = (path, rel)
+                out.append((path, name))
+            self._inputs = out
         return self._inputs
+
+    def _clean(self, entry: Item | Rejection) -> Item | Rejection:
+        """A rejection whose reason may quote an error message, with any path in it replaced by
+        the file's stored name; with ``source_paths`` "none", items without a source or file."""
+        if isinstance(entry, Item) and self.paths.mode == "none":
+            entry.source = None
+            entry.provenance = {**entry.provenance, "file": None}
+            if isinstance(entry.provenance.get("chosen"), list):
+                entry.provenance["chosen"] = [{**c, "file": None} for c in entry.provenance["chosen"]]
+            return entry
+        if isinstance(entry, Rejection) and entry.input in self._where:
+            path, rel = self._where[entry.input]
+            reason = self.paths.clean(entry.reason, path, rel)
+            if reason != entry.reason:
+                return Rejection(entry.input, entry.reason_code, reason)
+        return entry
 
     def estimate(self) -> int | None:
         return len(self.inputs())
 
     def __iter__(self) -> Iterator[Item | Rejection]:
+        for entry in self._items():
+            yield self._clean(entry)
+
+    def _items(self) -> Iterator[Item | Rejection]:
         inputs = self.inputs()
         if not inputs:
-            yield Rejection(str(self.root), "empty_source", "folder holds no files; nothing to ingest")
+            yield Rejection(".", "empty_source", "folder holds no files; nothing to ingest")
             return
         for entry in inputs:
             if isinstance(entry, Rejection):
@@ -356,7 +435,7 @@ class DicomSource:
         (:meth:`read_headers` of :meth:`dicom_files`, in order); read here when not given."""
         inputs = self.inputs()
         if not inputs:
-            return [{"rejects": [(str(self.root), "empty_source", "folder holds no files; nothing to ingest")]}]
+            return [{"rejects": [(".", "empty_source", "folder holds no files; nothing to ingest")]}]
         size = max(1, size)
         rejected = [(r.input, r.reason_code, r.reason) for r in inputs if isinstance(r, Rejection)]
         parts: list[dict[str, Any]] = [{"rejects": rejected}] if rejected else []
@@ -383,7 +462,12 @@ class DicomSource:
         return [e for e in self.inputs() if not isinstance(e, Rejection) and not is_nifti(e[0])]
 
     def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
-        """Items and rejections of one group of :meth:`parts`, in order (decoded in this process)."""
+        """Items and rejections of one group of :meth:`parts`, in order (decoded in this process),
+        named as :meth:`__iter__` names them."""
+        for entry in self._read_part(part):
+            yield self._clean(entry)
+
+    def _read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
         opts = self.config.options
         for rejection in part.get("rejects", ()):
             yield Rejection(*rejection)
@@ -398,10 +482,12 @@ class DicomSource:
 
     def part_reader(self) -> "DicomSource":
         """A copy that reads parts in its own process: no decoding workers, no input list and no
-        secret (set ``secret`` on it where it runs)."""
+        secret (set ``secret`` on it where it runs; its path naming takes the key then). It keeps
+        the stored name -> file map, to clean paths out of rejection reasons as here."""
         reader = copy.copy(self)
         reader.config = replace(self.config, workers=0)
         reader.secret, reader.files, reader._inputs = b"", None, []
+        reader._paths, reader._where = self.paths.without_secret(), dict(self._where)
         return reader
 
     def _assemble(self, key: tuple, groups: list[list[InstanceHeader]],

@@ -13,7 +13,8 @@ whose models ship inside the wheel, so it runs offline) and marked ``ocr``. Two 
 
 Document ids are content hashes, so ingesting the same PDF again adds nothing. Encrypted,
 broken, empty and non-PDF files, and pages with no text that OCR cannot read, are rejected with
-a reason.
+a reason; so are files over the bounds of :class:`PdfOptions` (``too_large`` bytes,
+``too_many_pages``) and pages with more text than ``max_page_chars`` (``too_long``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from caselens.errors import SourceError
+from caselens.errors import ConfigError, SourceError
 from caselens.ingest.chunking import Chunker, figure_labels
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
+from caselens.ingest.source_paths import PathNamer, check_mode
+from caselens.ingest.walk import check_file, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,20 @@ class PdfOptions:
     dpi: int = 100  # resolution pages are rendered at (page items, OCR)
     ocr: bool = True  # OCR pages without a text layer (needs rapidocr-onnxruntime)
     min_text_chars: int = 16  # a text layer shorter than this (non-space characters) counts as none
+    max_file_bytes: int = 1 << 30  # PDF files larger than this are not opened (too_large)
+    max_pages: int = 10_000  # PDFs with more pages are rejected whole (too_many_pages)
+    max_page_chars: int = 200_000  # a page whose text layer is longer is rejected (too_long)
+    source_paths: str | None = None  # "relative" | "hashed" | "none"; None: the collection's (see source_paths)
+
+    def __post_init__(self) -> None:
+        if self.items not in ("chunks", "pages"):
+            raise SourceError(f"PDF items must be 'chunks' or 'pages', not {self.items!r}")
+        if not 36 <= self.dpi <= 600:
+            raise SourceError(f"PDF dpi {self.dpi} is out of range; use 36-600")
+        for name in ("max_file_bytes", "max_pages", "max_page_chars"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        check_mode(self.source_paths)
 
 
 def clean_page_text(raw: str) -> str:
@@ -91,10 +108,7 @@ class PdfSource:
 
     def __init__(self, path: Path, options: PdfOptions | None = None, chunker: Chunker | None = None):
         self.options = options or PdfOptions()
-        if self.options.items not in ("chunks", "pages"):
-            raise SourceError(f"PDF items must be 'chunks' or 'pages', not {self.options.items!r}")
-        if not 36 <= self.options.dpi <= 600:
-            raise SourceError(f"PDF dpi {self.options.dpi} is out of range; use 36-600")
+        self.paths = PathNamer()  # how files are named in the collection; set for it by the runner
         self.path = Path(path).expanduser()
         if not self.path.exists():
             raise SourceError(f"--pdf {path}: no such file or folder")
@@ -102,19 +116,34 @@ class PdfSource:
         self.chunker = chunker
         self.kind = "text" if self.options.items == "chunks" else "image"
 
+    @property
+    def source_paths(self) -> str | None:
+        return self.options.source_paths
+
+    pseudonymised_patients = False  # textbooks and guidelines
+
+    def _entries(self) -> list[tuple[Path, str] | Rejection]:
+        if self.path.is_dir():
+            return list(walk_files(self.path, base=self.root))
+        problem = check_file(self.path, self.path.name)
+        return [problem if problem is not None else (self.path, self.path.name)]
+
     def files(self) -> list[Path]:
-        """The files this source reads: the PDF given, or every non-hidden file under the folder."""
-        if self.path.is_file():
-            return [self.path]
-        return sorted(p for p in self.path.rglob("*") if p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(self.path).parts))
+        """The files this source reads: the PDF given, or every non-hidden regular file under the
+        folder (symlinks are rejected, not followed)."""
+        return [e[0] for e in self._entries() if not isinstance(e, Rejection)]
 
     def input_record(self) -> dict[str, Any]:
         """The folder its items' files are relative to, and the rendering resolution, for the
-        collection's local inputs file (:mod:`caselens.ingest.inputs`; never an index column)."""
+        collection's local inputs file (:mod:`caselens.ingest.inputs`; never an index column).
+        For a ``hashed`` collection, the hash -> relative path map of its files."""
+        if self.paths.mode == "hashed":
+            for entry in self._entries():
+                if not isinstance(entry, Rejection):
+                    self.paths.name(entry[1])
         return {"kind": "pdf", "root": str(self.root.resolve()), "items": self.options.items,
                 "dpi": self.options.dpi, "ocr": self.options.ocr,
-                "file": self.path.name if self.path.is_file() else None}
+                "file": self.path.name if self.path.is_file() else None, **self.paths.record()}
 
     def estimate(self) -> int | None:
         return None  # pages and chunks per file are known only once read
@@ -124,33 +153,47 @@ class PdfSource:
             yield from self.read_part(part)
 
     def parts(self, size: int = 0) -> list[dict[str, Any]]:
-        """The files in order, one per group when ``size`` is given (a PDF is many pages), else all
-        in one group, for :meth:`read_part`."""
-        files = [str(p) for p in self.files()]
-        if not files:
-            return [{"reject": (str(self.path), "empty_source", "the folder holds no files; point --pdf at PDFs")}]
-        return [{"files": [f]} for f in files] if size else [{"files": files}]
+        """The files in order (and the rejections of the walk), one per group when ``size`` is
+        given (a PDF is many pages), else all in one group, for :meth:`read_part`."""
+        entries = [("reject", e.input, e.reason_code, e.reason) if isinstance(e, Rejection) else
+                   ("file", str(e[0]), e[1]) for e in self._entries()]
+        if not entries:
+            entries = [("reject", ".", "empty_source", "the folder holds no files; point --pdf at PDFs")]
+        return [{"inputs": [e]} for e in entries] if size else [{"inputs": entries}]
 
     def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
         """Items and rejections of one group of :meth:`parts`, in order."""
-        if "reject" in part:
-            yield Rejection(*part["reject"])
-        for name in part.get("files", ()):
-            yield from self._read_file(Path(name))
+        for entry in part.get("inputs", ()):
+            if entry[0] == "file":
+                yield from self._read_file(Path(entry[1]), entry[2])
+                continue
+            _, name, code, reason = entry
+            yield Rejection(name if code == "empty_source" else self.paths.name(name), code, reason)
 
     def part_reader(self) -> "PdfSource":
-        """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs)."""
+        """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs) and
+        without the collection's key (its path naming takes the key where it runs)."""
         reader = copy.copy(self)
-        reader.chunker = None
+        reader.chunker, reader.paths = None, self.paths.without_secret()
         return reader
 
     # ------------------------------------------------------------------ files
-    def _read_file(self, file: Path) -> Iterator[Item | Rejection]:
+    def _read_file(self, file: Path, rel: str) -> Iterator[Item | Rejection]:
         import pypdfium2 as pdfium
 
-        rel = str(file.relative_to(self.root))
-        with file.open("rb") as fh:
-            head = fh.read(1024)
+        name = self.paths.name(rel)
+        try:
+            size = file.stat().st_size
+            with file.open("rb") as fh:
+                head = fh.read(1024)
+        except OSError as exc:
+            yield Rejection(name, "unreadable", f"cannot read file: {exc.strerror or exc}")
+            return
+        if size > self.options.max_file_bytes:
+            yield Rejection(name, "too_large", f"file is {size / 2**20:.0f} MiB (limit "
+                                               f"{self.options.max_file_bytes / 2**20:.0f} MiB)")
+            return
+        rel, source = name, self.paths.source(rel)  # from here on the file goes by its stored name
         if not head:
             yield Rejection(rel, "empty_file", "the file is empty")
             return
@@ -172,22 +215,28 @@ class PdfSource:
             if n_pages == 0:
                 yield Rejection(rel, "empty_pdf", "the PDF has no pages")
                 return
+            if n_pages > self.options.max_pages:
+                yield Rejection(rel, "too_many_pages", f"the PDF has {n_pages} pages, more than the limit of "
+                                f"{self.options.max_pages}; split it")
+                return
             sha = sha256_file(file)
             doc_id = content_id(sha)
             meta = doc.get_metadata_dict() if hasattr(doc, "get_metadata_dict") else {}
-            title = (meta.get("Title") or "").strip() or file.stem
+            title = (str(meta.get("Title") or "")).strip()[:300] or \
+                (file.stem if self.paths.mode == "relative" else rel)
             for index in range(n_pages):
-                yield from self._read_page(doc, index, rel, doc_id, sha, title)
+                yield from self._read_page(doc, index, rel, source, doc_id, sha, title)
         finally:
             doc.close()
 
     def _render(self, page: Any) -> Image.Image:
         return render_page(page, self.options.dpi)
 
-    def _read_page(self, doc: Any, index: int, rel: str, doc_id: str, sha: str,
+    def _read_page(self, doc: Any, index: int, rel: str, source: str | None, doc_id: str, sha: str,
                    title: str) -> Iterator[Item | Rejection]:
         number = index + 1
         ref = f"{rel}#page={number}"
+        shown = f"{source}#page={number}" if source else None  # the items' source
         try:
             page = doc[index]
             textpage = page.get_textpage()
@@ -198,6 +247,10 @@ class PdfSource:
             page.close()
         except Exception as exc:  # PDFium raises various errors on a damaged page
             yield Rejection(ref, "corrupt_page", f"page {number} cannot be read ({type(exc).__name__}: {exc})")
+            return
+        if len(text) > self.options.max_page_chars:
+            yield Rejection(ref, "too_long", f"page {number} has {len(text)} characters of text, more than the "
+                            f"limit of {self.options.max_page_chars}")
             return
         ocr = False
         if self._too_short(text):
@@ -217,16 +270,16 @@ class PdfSource:
                 return
         page_id = f"{doc_id}#p{number}"
         metadata: dict[str, Any] = {"document": title, "page": number, "page_id": page_id, "ocr": int(ocr)}
-        provenance: dict[str, Any] = {"file": rel, "sha256": sha, "page": number, "ocr": ocr,
+        provenance: dict[str, Any] = {"file": source, "sha256": sha, "page": number, "ocr": ocr,
                                       "reader": "pypdfium2"}
         if self.options.items == "pages":
             figs = figure_labels(text)
-            yield Item(id=page_id, kind="image", input=ref, source=ref, image=image, text=text,
+            yield Item(id=page_id, kind="image", input=ref, source=shown, image=image, text=text,
                        metadata={**metadata, "parent_id": doc_id, "figures": "; ".join(figs) or None},
                        provenance={**provenance, "dpi": self.options.dpi, "size": list(image.size)})
             return
         if self.chunker is None:
-            yield Item(id=f"{page_id}#c0", kind="text", input=f"{ref}#chunk=0", source=ref, text=text,
+            yield Item(id=f"{page_id}#c0", kind="text", input=f"{ref}#chunk=0", source=shown, text=text,
                        metadata={**metadata, "parent_id": page_id, "chunk": 0,
                                  "figures": "; ".join(figure_labels(text)) or None},
                        provenance=provenance)
@@ -234,7 +287,7 @@ class PdfSource:
         chunking = self.chunker.config.to_record()
         for chunk in self.chunker.split(text):
             yield Item(id=f"{page_id}#c{chunk.index}", kind="text", input=f"{ref}#chunk={chunk.index}",
-                       source=ref, text=chunk.text,
+                       source=shown, text=chunk.text,
                        metadata={**metadata, "parent_id": page_id, "chunk": chunk.index,
                                  "figures": "; ".join(figure_labels(chunk.text)) or None},
                        provenance={**provenance, "chunk": {"index": chunk.index, "start": chunk.start,
