@@ -139,7 +139,9 @@ def run_demo(home: Path, generator: str = "extractive") -> int:
     console.print(f"ingesting the DICOM files pydicom and deid-data ship, from {dicom_dir} (classic descriptors: a "
                   "training-free baseline, not a medical foundation model)", markup=False, highlight=False)
     images = caselens.open("demo-dicom", home, create=True)
-    ingested = images.ingest(images=dicom_dir)
+    # public test files whose paths name no one: stored as they are, so the report shows where each case came
+    # from (a PACS export is stored under keyed path hashes by default: folders there are named after patients)
+    ingested = images.ingest(images=dicom_dir, source_paths="relative")
     console.print(ingested.summary(), markup=False, highlight=False)
     timings["DICOM ingest"] = time.perf_counter() - t
 
