@@ -9,7 +9,7 @@
 3. the candidate with the best mean P@k is fitted on all labelled items; with ``method="auto"``,
    the raw vectors are kept unless choosing pays: the candidate that the other folds choose,
    scored on each fold (:meth:`CrossValidation.selection_gains`, free of the optimism of a
-   maximum over many candidates), must beat raw by at least ``max(min_gain, 2 standard errors)``
+   maximum over many candidates), must beat raw by at least ``max(min_gain, SELECTION_SE standard errors)``
    (so labels that carry nothing, or an archive too small to tell, leave the vectors alone).
 
 Unlabelled items take no part in the fit; the adapter projects them like any other vector.
@@ -42,6 +42,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 }
 METHODS = tuple(GRIDS)
 AUTO = "auto"
+SELECTION_SE = 1.0  # auto adapts only when choosing gains this many standard errors (and min_gain) over raw
 AUTO_METHODS = ("raw", "whiten", "lda")  # what auto tries: "metric" costs ~100x an LDA fit and has not
 # beaten LDA on the shared sets (docs/adaptation.md); ask for it by name
 
@@ -262,12 +263,12 @@ def select_adapter(vectors: np.ndarray, labels: Sequence[object], groups: Sequen
     honest_gain = float(honest.mean())
     honest_se = float(honest.std(ddof=1) / np.sqrt(len(honest))) if len(honest) > 1 else float("inf")
     if method == AUTO and best != "raw":
-        needed = max(min_gain, 2 * honest_se)
+        needed = max(min_gain, SELECTION_SE * honest_se)
         if honest_gain < needed:
             chosen = "raw"
             decision = (f"kept the raw vectors: choosing by cross-validation gained {honest_gain:+.4f} P@{k} over "
                         f"raw (best candidate {best}: {gain:+.4f}), less than the {needed:.4f} required "
-                        f"(max of {min_gain} and 2 standard errors)")
+                        f"(max of {min_gain} and {SELECTION_SE:g} standard errors)")
         else:
             decision = (f"{best}: best of {len(cv.candidates)} candidates, {gain:+.4f} P@{k} over raw; choosing "
                         f"by cross-validation gained {honest_gain:+.4f} (standard error {honest_se:.4f})")
