@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--inner-folds", type=int, default=5)
     p.add_argument("--no-timing", action="store_true", help="skip the fit-time and latency measurement")
+    p.add_argument("--timing-only", action="store_true", help="only the fit-time and latency measurement (ISIC)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     args.home.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
 
-    for data in data_sets(args.data_root, args.datasets):
+    for data in data_sets(args.data_root, [] if args.timing_only else args.datasets):
         names = {}
         for key in args.encoders:
             info = ensure_collection(args.home, data, choices[key])
