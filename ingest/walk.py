@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Iterator
 
-from caselens.ingest.items import Rejection
+from caselens.ingest.items import Item, Rejection
 
 CLUTTER = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 
@@ -67,3 +68,25 @@ def check_file(path: Path, rel: str) -> Rejection | None:
     if not stat.S_ISREG(mode):
         return Rejection(rel, "not_a_file", "not a regular file (device, pipe or socket); skipped")
     return None
+
+
+def file_entries(walked: Iterable[tuple[Path, str] | Rejection], empty_reason: str) -> list[tuple]:
+    """A walk (:func:`walk_files`) as JSON-able entries for a source's parts: ``("file", path,
+    rel)`` or ``("reject", rel, code, reason)``; an empty walk is one ``empty_source`` rejection
+    with ``empty_reason``."""
+    entries = [("reject", e.input, e.reason_code, e.reason) if isinstance(e, Rejection) else
+               ("file", str(e[0]), e[1]) for e in walked]
+    return entries or [("reject", ".", "empty_source", empty_reason)]
+
+
+def read_entries(entries: Iterable[tuple], read_file: Callable[[Path, str], Iterator[Item | Rejection]],
+                 name: Callable[[str], str]) -> Iterator[Item | Rejection]:
+    """Items and rejections of :func:`file_entries`, in order: each file read by ``read_file(path,
+    rel)``, each rejection named by ``name`` (the source's path naming; the folder itself, of an
+    ``empty_source``, keeps its ".")."""
+    for entry in entries:
+        if entry[0] == "file":
+            yield from read_file(Path(entry[1]), entry[2])
+            continue
+        _, rel, code, reason = entry
+        yield Rejection(rel if code == "empty_source" else name(rel), code, reason)

@@ -32,7 +32,7 @@ from caselens.errors import ConfigError, SourceError
 from caselens.ingest.chunking import Chunker, figure_labels
 from caselens.ingest.items import Item, Rejection, content_id, sha256_file
 from caselens.ingest.source_paths import PathNamer, check_mode
-from caselens.ingest.walk import check_file, walk_files
+from caselens.ingest.walk import check_file, file_entries, read_entries, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -155,20 +155,12 @@ class PdfSource:
     def parts(self, size: int = 0) -> list[dict[str, Any]]:
         """The files in order (and the rejections of the walk), one per group when ``size`` is
         given (a PDF is many pages), else all in one group, for :meth:`read_part`."""
-        entries = [("reject", e.input, e.reason_code, e.reason) if isinstance(e, Rejection) else
-                   ("file", str(e[0]), e[1]) for e in self._entries()]
-        if not entries:
-            entries = [("reject", ".", "empty_source", "the folder holds no files; point --pdf at PDFs")]
+        entries = file_entries(self._entries(), "the folder holds no files; point --pdf at PDFs")
         return [{"inputs": [e]} for e in entries] if size else [{"inputs": entries}]
 
     def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
         """Items and rejections of one group of :meth:`parts`, in order."""
-        for entry in part.get("inputs", ()):
-            if entry[0] == "file":
-                yield from self._read_file(Path(entry[1]), entry[2])
-                continue
-            _, name, code, reason = entry
-            yield Rejection(name if code == "empty_source" else self.paths.name(name), code, reason)
+        yield from read_entries(part.get("inputs", ()), self._read_file, self.paths.name)
 
     def part_reader(self) -> "PdfSource":
         """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs) and

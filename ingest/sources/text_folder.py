@@ -22,7 +22,7 @@ from caselens.errors import ConfigError, SourceError
 from caselens.ingest.chunking import Chunker, chunk_item
 from caselens.ingest.items import Item, Rejection, content_id
 from caselens.ingest.source_paths import PathNamer, check_mode
-from caselens.ingest.walk import walk_files
+from caselens.ingest.walk import file_entries, read_entries, walk_files
 
 SUFFIXES = (".txt", ".md", ".markdown")
 
@@ -90,31 +90,15 @@ class TextFolderSource:
         for part in self.parts():  # one walk; each file read as it comes
             yield from self.read_part(part)
 
-    def _inputs(self) -> Iterator[tuple]:
-        empty = True
-        for entry in walk_files(self.root):
-            empty = False
-            if isinstance(entry, Rejection):
-                yield ("reject", entry.input, entry.reason_code, entry.reason)
-            else:
-                yield ("file", str(entry[0]), entry[1])
-        if empty:
-            yield ("reject", ".", "empty_source", "the folder holds no files")
-
     def parts(self, size: int = 0) -> list[dict[str, Any]]:
         """The files in order (and the rejections of the walk), in groups of ``size`` (0: one
         group), for :meth:`read_part`."""
-        inputs = list(self._inputs())
+        inputs = file_entries(walk_files(self.root), "the folder holds no files")
         return [{"inputs": inputs[i:i + size]} for i in range(0, len(inputs), size)] if size else [{"inputs": inputs}]
 
     def read_part(self, part: dict[str, Any]) -> Iterator[Item | Rejection]:
         """Items (chunked) and rejections of one group of :meth:`parts`, in order."""
-        for entry in part.get("inputs", ()):
-            if entry[0] == "file":
-                yield from self._read(Path(entry[1]), entry[2])
-                continue
-            _, name, code, reason = entry
-            yield Rejection(name if code == "empty_source" else self.paths.name(name), code, reason)
+        yield from read_entries(part.get("inputs", ()), self._read, self.paths.name)
 
     def part_reader(self) -> "TextFolderSource":
         """A copy that reads parts, without its chunker (set ``chunker`` on it where it runs) and
