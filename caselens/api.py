@@ -201,15 +201,13 @@ class Collection:
         passes through the adapter; unlabelled items stay searchable. Returns what was chosen and
         why, with the cross-validated P@10 raw and adapted."""
         from caselens.indexes import derived
-        from caselens.indexes.adapter import save_adapter
-        from caselens.retrieval.diagnosis import fit_collection_diagnosis
+        from caselens.retrieval.diagnosis import fit_collection_diagnosis, save_collection_diagnosis
 
         storage = self.storage
         # fitted without the lock (ingests go on; the adapter applies to rows added meanwhile too)
         adapter, model, report = fit_collection_diagnosis(storage, label_column, method, folds, progress=progress)
         with storage.lock.hold():  # stored and built into the index by one writer
-            save_adapter(adapter, storage.layout.adapter_dir)
-            model.save(storage.layout.adapter_dir)
+            save_collection_diagnosis(storage, adapter, model)
             if progress:
                 progress("building the index in the adapted space")
             stamp = derived.refresh(storage)

@@ -43,8 +43,8 @@ import numpy as np
 
 from caselens.errors import AdapterIntegrityError, AdapterMismatchError, BadVectorError
 from caselens.files import atomic_write_bytes, sha256_file
+from caselens.indexes.layout import Layout
 
-ADAPTER_DIR = "adapter"  # folder of a collection holding its adapter
 RECORD_FILE = "adapter.json"
 FORMAT_VERSION = 1
 NORMALISATIONS = ("l2",)
@@ -180,8 +180,9 @@ def project(vectors: np.ndarray, mean: np.ndarray | None = None, matrix: np.ndar
 
 
 def adapter_folder(collection_root: str | Path) -> Path:
-    """The folder of a collection that holds its adapter."""
-    return Path(collection_root) / ADAPTER_DIR
+    """The folder of a collection that holds its adapter (:attr:`Layout.adapter_dir`, where every
+    file of a collection is named)."""
+    return Layout(Path(collection_root)).adapter_dir
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

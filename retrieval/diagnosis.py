@@ -31,7 +31,7 @@ import numpy as np
 
 from caselens.errors import AdaptationError, AdapterMismatchError, BadVectorError
 from caselens.files import atomic_write_bytes
-from caselens.indexes.adapter import Adapter, adapter_folder, save_adapter
+from caselens.indexes.adapter import Adapter, save_adapter
 from caselens.indexes.collection import Collection
 from caselens.indexes.reader import reader_of
 from caselens.retrieval.adaptation.collection import PATIENT_COLUMN, collection_adapter, fit_collection, read_labelled
@@ -402,10 +402,17 @@ def fit_collection_diagnosis(collection: Collection, label_column: str = "label"
                              encoder_fingerprint=fit.adapter.encoder_fingerprint,
                              table_version=fit.adapter.provenance.get("table_version"))
     if save:
-        folder = adapter_folder(collection.root)
-        save_adapter(fit.adapter, folder)
-        model.save(folder)
+        save_collection_diagnosis(collection, fit.adapter, model)
     return fit.adapter, model, fit.report
+
+
+def save_collection_diagnosis(collection: Collection, adapter: Adapter, model: DiagnosisModel) -> Path:
+    """Store ``adapter`` and the diagnosis ``model`` fitted with it in the collection's adapter
+    folder (the adapter first; each file atomically) and return the folder."""
+    folder = collection.layout.adapter_dir
+    save_adapter(adapter, folder)
+    model.save(folder)
+    return folder
 
 
 def collection_diagnosis(collection: Collection) -> tuple[Adapter | None, DiagnosisModel | None]:
@@ -413,7 +420,7 @@ def collection_diagnosis(collection: Collection) -> tuple[Adapter | None, Diagno
     :class:`~caselens.errors.AdapterMismatchError` when the model was fitted with another adapter
     (refit both with :func:`fit_collection_diagnosis`)."""
     adapter = collection_adapter(collection)
-    model = DiagnosisModel.load(adapter_folder(collection.root))
+    model = DiagnosisModel.load(collection.layout.adapter_dir)
     if model is not None and model.adapter_fingerprint != (adapter.fingerprint if adapter else None):
         raise AdapterMismatchError(f"the diagnosis model of {collection.name!r} was fitted with adapter "
                                    f"{model.adapter_fingerprint}, the collection now has {adapter.fingerprint if adapter else 'none'}: "

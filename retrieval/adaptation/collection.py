@@ -10,13 +10,12 @@ layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from caselens.errors import QueryError
-from caselens.indexes.adapter import Adapter, adapter_folder, load_adapter, remove_adapter, save_adapter
+from caselens.indexes.adapter import Adapter, load_adapter, remove_adapter, save_adapter
 from caselens.indexes.collection import Collection
 from caselens.retrieval.adaptation.fit import AUTO, AdapterFit, AdapterReport, select_adapter
 
@@ -81,7 +80,7 @@ def fit_collection_adapter(collection: Collection, label_column: str = "label", 
     fit = fit_collection(collection, label_column, method, folds, group_column=group_column, seed=seed, k=k,
                          progress=progress)
     if save:
-        save_adapter(fit.adapter, adapter_folder(collection.root))
+        save_adapter(fit.adapter, collection.layout.adapter_dir)
     return fit.adapter, fit.report
 
 
@@ -101,7 +100,7 @@ def fit_collection(collection: Collection, label_column: str = "label", method: 
 def collection_adapter(collection: Collection) -> Adapter | None:
     """The adapter stored with ``collection`` (None when there is none), checked against the
     collection's encoder (:class:`~caselens.errors.AdapterMismatchError` when fitted for another)."""
-    return load_adapter(adapter_folder(collection.root), str(collection.encoder["fingerprint"]))
+    return load_adapter(collection.layout.adapter_dir, str(collection.encoder["fingerprint"]))
 
 
 def is_stale(adapter: Adapter, collection: Collection) -> bool:
@@ -112,9 +111,4 @@ def is_stale(adapter: Adapter, collection: Collection) -> bool:
 
 def remove_collection_adapter(collection: Collection) -> bool:
     """Remove ``collection``'s adapter; True when there was one."""
-    return remove_adapter(adapter_folder(collection.root))
-
-
-def adapter_path(collection: Collection) -> Path:
-    """Where ``collection``'s adapter record lives."""
-    return adapter_folder(collection.root) / "adapter.json"
+    return remove_adapter(collection.layout.adapter_dir)
