@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import write_fragments
 
-from caselens.indexes.checksums import CHECKSUM_COLUMN, checksum_mismatches
+from caselens.indexes.checksums import checksum_mismatches
 from caselens.indexes.damage import LanceGuard, is_lance_failure, lance_message, manifest_versions, newest_readable
 from caselens.indexes.lock import WriteLock
 

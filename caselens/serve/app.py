@@ -36,7 +36,7 @@ from caselens.serve.jobs import JobManager
 from caselens.serve.limits import RateLimiter, check_image
 from caselens.serve.middleware import AccessLog, GuardMiddleware, Metrics
 from caselens.serve.models import (K_MAX, AskResponse, CollectionInfo, CollectionList, DiagnoseResponse,
-                                             ErrorBody, Health, HitModel, IngestJobBody, ItemModel, JobList, JobModel,
+                                             ErrorBody, Health, IngestJobBody, ItemModel, JobList, JobModel,
                                              LedgerSummary, MetricsBody, SearchItemBody, SearchResponse,
                                              SearchTextBody)
 
@@ -291,9 +291,10 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
                   min_score: float = Form(0.25, ge=0.0, le=1.0), _: str = read) -> AskResponse:
         """A grounded answer with checked citations (generator chosen by the server)."""
         data = await image.read() if image is not None else None
-        kind = check_image(data, config.max_image_pixels) if data is not None else None
+        if data is not None:
+            check_image(data, config.max_image_pixels)
         parsed = _parse_json_object(options, "options")
-        answer = await run(backend.ask, question, _names(knowledge), cases=cases or None, image=data, image_kind=kind,
+        answer = await run(backend.ask, question, _names(knowledge), cases=cases or None, image=data,
                            k=k, task=task, options={str(a): str(b) for a, b in (parsed or {}).items()} or None,
                            min_score=min_score)
         return AskResponse.of(answer)

@@ -274,7 +274,7 @@ class Backend:
 
     # ------------------------------------------------------------------ ask
     def ask(self, question: str, knowledge: list[str], *, cases: str | None = None, image: bytes | None = None,
-            image_kind: str | None = None, k: int = 5, task: str = "free", options: dict[str, str] | None = None,
+            k: int = 5, task: str = "free", options: dict[str, str] | None = None,
             min_score: float = 0.25, where: str | None = None) -> Any:
         """A grounded answer with checked citations."""
         if not knowledge:
@@ -287,8 +287,7 @@ class Backend:
                             task=task, options=options or None, where=where or None, min_score=min_score)
 
     # ------------------------------------------------------------------ diagnose
-    def diagnose(self, name: str, *, image: bytes | None = None, image_kind: str | None = None,
-                 item_id: str | None = None, k: int | None = None, threshold: float | None = None,
+    def diagnose(self, name: str, *, image: bytes | None = None, item_id: str | None = None, k: int | None = None, threshold: float | None = None,
                  knowledge: list[str] | None = None) -> Any:
         """The library's diagnosis by similar cases (:meth:`caselens.Collection.diagnose`: calibrated
         case voting fitted by ``caselens adapt``), never from the query itself or its patient;
