@@ -751,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-column", default="label")
     e.add_argument("--folds", type=int, default=5)
     e.add_argument("--method", default="auto", help="adapter method (auto, whiten, lda, metric, raw)")
-    e.add_argument("--out", metavar="DIR", help="write diagnosis_eval.json, roc.png and reliability.png there")
+    e.add_argument("--out", metavar="DIR", help="write diagnosis_eval.json, diagnosis_eval_roc.png and "
+                                                "diagnosis_eval_reliability.png there")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE")
     e.set_defaults(func=cmd_eval_diagnosis)

@@ -219,7 +219,7 @@ def evaluate_diagnosis(collection: Collection, label_column: str = "label", fold
     """:func:`evaluate_diagnosis_arrays` on ``collection`` (what ``caselens eval diagnosis
     COLLECTION --label-column L --folds 5`` reports). ``subgroups``: kind -> column (default:
     :func:`subgroup_columns` of the collection's columns). With ``out_dir``: writes
-    ``diagnosis_eval.json``, ``roc.png`` and ``reliability.png`` there."""
+    ``diagnosis_eval.json``, ``diagnosis_eval_roc.png`` and ``diagnosis_eval_reliability.png`` there."""
     columns = collection.rows(limit=1).column_names
     chosen = subgroups if subgroups is not None else subgroup_columns(
         [c for c in columns if c not in (label_column, group_column)])
