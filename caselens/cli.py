@@ -614,7 +614,8 @@ def _index_choice_args(s: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="caselens", description="Retrieval engine for medical imaging: "
-                                "ingest images, DICOM and texts; search by image or text; diagnose from similar cases; answer with citations.",
+                                "ingest images, DICOM and texts; search by image or text; diagnose from similar "
+                                "cases; answer with citations.",
                                 epilog="exit status: 0 ok, 1 problems found / nothing stored, 2 usage error, "
                                        "3 runtime failure, 70 a bug in caselens")
     p.add_argument("--version", action="version", version=f"caselens {__version__}")
